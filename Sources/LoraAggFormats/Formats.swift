@@ -1,0 +1,1 @@
+/// safetensors and PEFT adapter folders.
