@@ -6,6 +6,10 @@ import PackageDescription
 /// the package links it, because the host finds plugins at run time.
 let strategyPlugins = [
     "FedIT",
+    "FlexLoRA",
+    "FLoRA",
+    "FedSALoRA",
+    "SVDFedAvg",
 ]
 
 /// Plugins built from `Templates/` so that `swift test` proves the templates

@@ -51,6 +51,28 @@ public enum LowRank {
         /// entries of `sigma` and rows of `vt` past it are zero-filled.
         public var attainableRank: Int
 
+        /// LoRA factors of the best rank-`rank` approximation U_r Σ_r V_rᵀ for a
+        /// given PEFT scaling: A = V_rᵀ (orthonormal rows) and B = U_r Σ_r / scaling,
+        /// so scaling·B·A = U_r Σ_r V_rᵀ. All of σ goes to B: A's rows then never
+        /// vanish, even for σ = 0, so every slot stays trainable. Slots past
+        /// ``attainableRank`` get B = 0 and A = ``LowRank/initialisationRow(slot:dIn:)``.
+        /// `rank` must not exceed the number of triplets kept.
+        public func loraFactors(rank: Int, scaling: Double) -> (a: Matrix, b: Matrix) {
+            precondition(rank <= sigma.count, "loraFactors(rank: \(rank)) of an SVD keeping \(sigma.count) triplets")
+            let dOut = u.rows, dIn = vt.cols
+            var a = Matrix(rows: rank, cols: dIn, values: Array(vt.values.prefix(rank * dIn)))
+            for slot in attainableRank..<max(attainableRank, rank) {
+                let row = LowRank.initialisationRow(slot: slot, dIn: dIn)
+                a.values.replaceSubrange((slot * dIn)..<((slot + 1) * dIn), with: row)
+            }
+            var b = Matrix(zeros: dOut, rank)
+            let factors = (0..<rank).map { sigma[$0] / scaling }
+            for i in 0..<dOut {
+                for t in 0..<rank { b.values[i * rank + t] = Float(Double(u.values[i * u.cols + t]) * factors[t]) }
+            }
+            return (a, b)
+        }
+
         /// ‖M‖_F² = Σ σ_i² over the whole spectrum.
         public var totalEnergy: Double { spectrum.reduce(0) { $0 + $1 * $1 } }
 
@@ -70,6 +92,25 @@ public enum LowRank {
         public func relativeTruncationError(rank count: Int) -> Double {
             let total = totalEnergy
             return total > 0 ? (tailEnergy(after: count) / total).squareRoot() : 0
+        }
+    }
+
+    /// A row as PEFT initialises `lora_A` (Kaiming-uniform, bound 1/√d_in),
+    /// from a fixed seed and the slot index, so it is the same for every client
+    /// and every call. For rank slots an SVD cannot fill: paired with a zero B
+    /// column the slot adds nothing to the update but can still be trained,
+    /// whereas zero in both factors would stay zero forever.
+    public static func initialisationRow(slot: Int, dIn: Int) -> [Float] {
+        var state = 0x6C6F_7261_6167_67 &+ UInt64(truncatingIfNeeded: slot) &* 0x9E37_79B9_7F4A_7C15
+        let bound = 1 / Double(dIn).squareRoot()
+        return (0..<dIn).map { _ in
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            z ^= z >> 31
+            let unit = Double(z >> 11) / Double(1 << 53)
+            return Float((2 * unit - 1) * bound)
         }
     }
 
@@ -167,6 +208,18 @@ public enum LowRank {
         }
         try applyQ(reflectors: &stackB, tau: tauB, rows: dOut, reflectorCount: kB, to: &leftVectors, columns: kept, what: "B")
         try applyQ(reflectors: &stackAT, tau: tauA, rows: dIn, reflectorCount: kA, to: &rightVectors, columns: kept, what: "Aᵀ")
+
+        // Singular vectors are defined up to a joint sign; fix it (largest |entry| of
+        // each right vector positive) so that stacking the clients in another
+        // order gives the same factors, not merely the same product.
+        for c in 0..<kept {
+            var largest = 0.0
+            for i in 0..<dIn where abs(rightVectors[c * dIn + i]) > abs(largest) { largest = rightVectors[c * dIn + i] }
+            if largest < 0 {
+                for i in 0..<dIn { rightVectors[c * dIn + i] = -rightVectors[c * dIn + i] }
+                for i in 0..<dOut { leftVectors[c * dOut + i] = -leftVectors[c * dOut + i] }
+            }
+        }
 
         // Row-major Float outputs, zero past `kept`. V column-major d_in×kept has
         // the memory layout of Vᵀ row-major kept×d_in.
