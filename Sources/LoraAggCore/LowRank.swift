@@ -81,12 +81,19 @@ public enum LowRank {
                 let row = LowRank.initialisationRow(slot: slot, dIn: dIn)
                 a.values.replaceSubrange((slot * dIn)..<((slot + 1) * dIn), with: row)
             }
-            var b = Matrix(zeros: dOut, rank)
             let factors = (0..<rank).map { sigma[$0] / scaling }
-            for i in 0..<dOut {
-                for t in 0..<rank { b.values[i * rank + t] = Float(Double(u.values[i * u.cols + t]) * factors[t]) }
+            let width = u.cols
+            let values = [Float](unsafeUninitializedCapacity: dOut * rank) { target, initialised in
+                u.values.withUnsafeBufferPointer { source in
+                    factors.withUnsafeBufferPointer { factor in
+                        for i in 0..<dOut {
+                            for t in 0..<rank { target[i &* rank &+ t] = Float(Double(source[i &* width &+ t]) * factor[t]) }
+                        }
+                    }
+                }
+                initialised = dOut * rank
             }
-            return (a, b)
+            return (a, Matrix(rows: dOut, cols: rank, values: values))
         }
 
         /// ‖M‖_F² = Σ σ_i² over the whole spectrum.
