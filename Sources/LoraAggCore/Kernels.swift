@@ -105,3 +105,140 @@ public enum Kernels {
                     b, Int32(transposeB ? k : n), beta, c, Int32(n))
     }
 }
+
+// MARK: - Per-slot weights and factored norms (added for zero-pad, replication-pad, ffa-lora)
+
+extension Kernels {
+    /// Weighted sum of A factors of different ranks with one weight per client
+    /// and rank slot: row i of the rows×cols result is
+    /// Σ_{k: rank_k > i} slotWeights[k][i] · A_k[i, :].
+    ///
+    /// `slotWeights[k]` needs at least min(rank_k, rows) entries. Consecutive
+    /// rows whose owners and weights agree are summed as one band, so a round
+    /// of equal ranks and per-client weights is a single ``weightedSum`` call
+    /// and every input byte is read once.
+    public static func slotWeightedRowSum(_ sources: [MatrixView], slotWeights: [[Double]], rows: Int) -> Matrix {
+        precondition(sources.count == slotWeights.count, "one weight list per source")
+        let cols = sources.first?.cols ?? 0
+        precondition(sources.allSatisfy { $0.cols == cols }, "slotWeightedRowSum needs sources of one width")
+        var result = Matrix(zeros: rows, cols)
+        result.values.withUnsafeMutableBufferPointer { out in
+            guard let base = out.baseAddress, cols > 0 else { return }
+            /// The (owner, weight) pairs of row i, as Float weights the kernel uses.
+            func band(_ i: Int) -> [(Int, Float)] {
+                sources.indices.compactMap { k in sources[k].rows > i ? (k, Float(slotWeights[k][i])) : nil }
+            }
+            var lower = 0
+            while lower < rows {
+                let owners = band(lower)
+                var upper = lower + 1
+                while upper < rows, band(upper).elementsEqual(owners, by: { $0 == $1 }) { upper += 1 }
+                weightedSum(owners.map { sources[$0.0].base + lower &* cols }, weights: owners.map(\.1),
+                            count: (upper - lower) &* cols, into: base + lower &* cols)
+                lower = upper
+            }
+        }
+        return result
+    }
+
+    /// Weighted sum of B factors of different ranks with one weight per client
+    /// and rank slot: column j of the rows×cols result is
+    /// Σ_{k: cols_k > j} slotWeights[k][j] · B_k[:, j].
+    ///
+    /// Row-major B puts a client's slots side by side in every row, so the sum
+    /// walks blocks of rows whose accumulator fits in L1 and streams each
+    /// client's matching (contiguous) block through it: every input byte is
+    /// read once and the accumulator never leaves the cache, unlike a
+    /// client-by-client pass over the whole output. Equal widths with weights
+    /// constant across slots reduce to one ``weightedSum`` call.
+    public static func slotWeightedColumnSum(_ sources: [MatrixView], slotWeights: [[Double]], cols: Int) -> Matrix {
+        precondition(sources.count == slotWeights.count, "one weight list per source")
+        let rows = sources.first?.rows ?? 0
+        precondition(sources.allSatisfy { $0.rows == rows }, "slotWeightedColumnSum needs sources of one height")
+        let widths = sources.map { Swift.min($0.cols, cols) }
+        let uniform = sources.allSatisfy { $0.cols == cols }
+            && slotWeights.allSatisfy { w in w.prefix(cols).allSatisfy { $0 == w.first } }
+        if uniform {
+            return weightedSum(sources, weights: slotWeights.map { $0.first ?? 0 })
+        }
+        // One flat table of Float weights, K × cols, zero beyond each client's width.
+        var table = [Float](repeating: 0, count: sources.count * cols)
+        for k in sources.indices { for j in 0..<widths[k] { table[k * cols + j] = Float(slotWeights[k][j]) } }
+        var result = Matrix(zeros: rows, cols)
+        guard cols > 0, rows > 0 else { return result }
+        let blockRows = Swift.max(1, chunk / cols)
+        result.values.withUnsafeMutableBufferPointer { out in
+            table.withUnsafeBufferPointer { weights in
+                guard let base = out.baseAddress, let w = weights.baseAddress else { return }
+                var first = 0
+                while first < rows {
+                    let last = Swift.min(rows, first &+ blockRows)
+                    for k in sources.indices where widths[k] > 0 {
+                        let width = widths[k], stride = sources[k].cols
+                        let wk = w + k &* cols
+                        for i in first..<last {
+                            let x = sources[k].base + i &* stride
+                            let o = base + i &* cols
+                            for j in 0..<width { o[j] += wk[j] * x[j] }
+                        }
+                    }
+                    first = last
+                }
+            }
+        }
+        return result
+    }
+
+    /// ‖B·A‖_F for B (m×r) and A (r×n) without forming the m×n product:
+    /// ‖BA‖²_F = tr((BᵀB)(AAᵀ)) = Σ_ij (BᵀB)_ij (AAᵀ)_ij, two r×r Grams by sgemm.
+    ///
+    /// The Grams are Float (OpenBLAS accumulates in Float) and the trace is
+    /// summed in Double. The absolute error is about 1e-7·√max(m, n)·‖B‖²‖A‖²,
+    /// so the relative error is small unless B·A nearly cancels; good enough
+    /// for aggregation weights, not for an exactness check.
+    public static func productFrobeniusNorm(b: MatrixView, a: MatrixView) -> Double {
+        precondition(b.cols == a.rows, "productFrobeniusNorm needs B.cols == A.rows")
+        let r = a.rows
+        guard r > 0, b.rows > 0, a.cols > 0 else { return 0 }
+        var gramB = [Float](repeating: 0, count: r * r), gramA = [Float](repeating: 0, count: r * r)
+        gramB.withUnsafeMutableBufferPointer { g in
+            gemm(b.base, b.base, g.baseAddress!, m: r, n: r, k: b.rows, transposeA: true)
+        }
+        gramA.withUnsafeMutableBufferPointer { g in
+            gemm(a.base, a.base, g.baseAddress!, m: r, n: r, k: a.cols, transposeB: true)
+        }
+        var squared = 0.0
+        for i in 0..<(r * r) { squared += Double(gramB[i]) * Double(gramA[i]) }
+        return Swift.max(0, squared).squareRoot()
+    }
+
+    /// Whether every entry of `x` is within `tolerance` of the same entry of
+    /// `y` (both `count` long). NaN anywhere fails, so a non-finite input is
+    /// never mistaken for agreement.
+    public static func allWithin(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, count: Int, tolerance: Float) -> Bool {
+        // Counting failures instead of branching keeps the loop vectorisable;
+        // `!(d <= t)` is true for NaN, unlike `d > t`.
+        var failures = 0
+        var start = 0
+        while start < count {
+            let length = Swift.min(chunk, count &- start)
+            let xs = x + start, ys = y + start
+            for i in 0..<length { failures &+= (abs(xs[i] - ys[i]) <= tolerance) ? 0 : 1 }
+            if failures > 0 { return false }
+            start &+= length
+        }
+        return true
+    }
+
+    /// The largest |x[i]| (NaN when an entry is NaN).
+    public static func maxMagnitude(_ x: UnsafePointer<Float>, count: Int) -> Float {
+        var largest: Float = 0
+        var sawNaN = false
+        for i in 0..<count {
+            let v = abs(x[i])
+            largest = v > largest ? v : largest
+            sawNaN = sawNaN || v.isNaN
+        }
+        return sawNaN ? .nan : largest
+    }
+}
