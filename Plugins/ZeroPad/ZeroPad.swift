@@ -73,9 +73,7 @@ struct ZeroPad: Strategy {
         let rank = round.maxRank
         return AggregationResult(
             a: Kernels.paddedRowSum(round.clients.map(\.a), weights: factors, rows: rank),
-            b: Kernels.slotWeightedColumnSum(round.clients.map(\.b),
-                                             slotWeights: factors.map { [Double](repeating: $0, count: rank) },
-                                             cols: rank),
+            b: Kernels.paddedColumnSum(round.clients.map(\.b), weights: factors, cols: rank),
             scaling: round.commonScaling,
             diagnostics: diagnostics)
     }

@@ -146,11 +146,10 @@ extension Kernels {
     /// Σ_{k: cols_k > j} slotWeights[k][j] · B_k[:, j].
     ///
     /// Row-major B puts a client's slots side by side in every row, so the sum
-    /// walks blocks of rows whose accumulator fits in L1 and streams each
-    /// client's matching (contiguous) block through it: every input byte is
-    /// read once and the accumulator never leaves the cache, unlike a
-    /// client-by-client pass over the whole output. Equal widths with weights
-    /// constant across slots reduce to one ``weightedSum`` call.
+    /// walks blocks of rows with a 256 KB accumulator and streams each client's
+    /// matching (contiguous) block through it: every input byte is read once
+    /// and the accumulator stays in L2 however tall B is. Equal widths with
+    /// weights constant across slots reduce to one ``weightedSum`` call.
     public static func slotWeightedColumnSum(_ sources: [MatrixView], slotWeights: [[Double]], cols: Int) -> Matrix {
         precondition(sources.count == slotWeights.count, "one weight list per source")
         let rows = sources.first?.rows ?? 0
@@ -166,7 +165,10 @@ extension Kernels {
         for k in sources.indices { for j in 0..<widths[k] { table[k * cols + j] = Float(slotWeights[k][j]) } }
         var result = Matrix(zeros: rows, cols)
         guard cols > 0, rows > 0 else { return result }
-        let blockRows = Swift.max(1, chunk / cols)
+        // 256 KB of accumulator per block: inside L2, and long enough runs
+        // per client that the loop set-up is amortised.
+        let blockRows = Swift.max(1, 64 &* chunk / cols)
+        let bases = sources.map(\.base), strides = sources.map(\.cols)
         result.values.withUnsafeMutableBufferPointer { out in
             table.withUnsafeBufferPointer { weights in
                 guard let base = out.baseAddress, let w = weights.baseAddress else { return }
@@ -174,10 +176,10 @@ extension Kernels {
                 while first < rows {
                     let last = Swift.min(rows, first &+ blockRows)
                     for k in sources.indices where widths[k] > 0 {
-                        let width = widths[k], stride = sources[k].cols
+                        let width = widths[k], stride = strides[k], source = bases[k]
                         let wk = w + k &* cols
                         for i in first..<last {
-                            let x = sources[k].base + i &* stride
+                            let x = source + i &* stride
                             let o = base + i &* cols
                             for j in 0..<width { o[j] += wk[j] * x[j] }
                         }
@@ -190,7 +192,8 @@ extension Kernels {
     }
 
     /// ‖B·A‖_F for B (m×r) and A (r×n) without forming the m×n product:
-    /// ‖BA‖²_F = tr((BᵀB)(AAᵀ)) = Σ_ij (BᵀB)_ij (AAᵀ)_ij, two r×r Grams by sgemm.
+    /// ‖BA‖²_F = tr((BᵀB)(AAᵀ)) = Σ_ij (BᵀB)_ij (AAᵀ)_ij, two r×r Grams by ssyrk
+    /// (half the flops of sgemm; only the upper triangles are filled).
     ///
     /// The Grams are Float (OpenBLAS accumulates in Float) and the trace is
     /// summed in Double. The absolute error is about 1e-7·√max(m, n)·‖B‖²‖A‖²,
@@ -202,13 +205,16 @@ extension Kernels {
         guard r > 0, b.rows > 0, a.cols > 0 else { return 0 }
         var gramB = [Float](repeating: 0, count: r * r), gramA = [Float](repeating: 0, count: r * r)
         gramB.withUnsafeMutableBufferPointer { g in
-            gemm(b.base, b.base, g.baseAddress!, m: r, n: r, k: b.rows, transposeA: true)
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(r), Int32(b.rows), 1, b.base, Int32(r), 0, g.baseAddress, Int32(r))
         }
         gramA.withUnsafeMutableBufferPointer { g in
-            gemm(a.base, a.base, g.baseAddress!, m: r, n: r, k: a.cols, transposeB: true)
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, Int32(r), Int32(a.cols), 1, a.base, Int32(a.cols), 0, g.baseAddress, Int32(r))
         }
         var squared = 0.0
-        for i in 0..<(r * r) { squared += Double(gramB[i]) * Double(gramA[i]) }
+        for i in 0..<r {
+            squared += Double(gramB[i &* r &+ i]) * Double(gramA[i &* r &+ i])
+            for j in (i &+ 1)..<r { squared += 2 * Double(gramB[i &* r &+ j]) * Double(gramA[i &* r &+ j]) }
+        }
         return Swift.max(0, squared).squareRoot()
     }
 
