@@ -187,7 +187,7 @@ extension Kernels {
         guard cols > 0, rows > 0 else { return result }
         // 256 KB of accumulator per block: inside L2, and long enough runs
         // per client that the loop set-up is amortised.
-        let blockRows = Swift.max(1, 64 &* chunk / cols)
+        let blockRows = Swift.max(1, 65_536 / cols)
         let bases = sources.map(\.base), strides = sources.map(\.cols)
         result.values.withUnsafeMutableBufferPointer { out in
             table.withUnsafeBufferPointer { weights in
@@ -244,10 +244,11 @@ extension Kernels {
     public static func allWithin(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, count: Int, tolerance: Float) -> Bool {
         // Counting failures instead of branching keeps the loop vectorisable;
         // `!(d <= t)` is true for NaN, unlike `d > t`.
+        // Checked 4096 at a time so a difference stops the scan early.
         var failures = 0
         var start = 0
         while start < count {
-            let length = Swift.min(chunk, count &- start)
+            let length = Swift.min(4096, count &- start)
             let xs = x + start, ys = y + start
             for i in 0..<length { failures &+= (abs(xs[i] - ys[i]) <= tolerance) ? 0 : 1 }
             if failures > 0 { return false }
