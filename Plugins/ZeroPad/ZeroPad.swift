@@ -71,9 +71,12 @@ struct ZeroPad: Strategy {
         }
         let factors = round.clients.indices.map { weights[$0] * round.factorRescale($0) }
         let rank = round.maxRank
+        // The same sums as Kernels.paddedRowSum / paddedColumnSum (bit for bit),
+        // from the kernels that skip the zero fill and keep B's sums in registers.
+        let slotWeights = factors.map { [Double](repeating: $0, count: rank) }
         return AggregationResult(
-            a: Kernels.paddedRowSum(round.clients.map(\.a), weights: factors, rows: rank),
-            b: Kernels.paddedColumnSum(round.clients.map(\.b), weights: factors, cols: rank),
+            a: Kernels.slotWeightedRowSum(round.clients.map(\.a), slotWeights: slotWeights, rows: rank),
+            b: Kernels.slotWeightedColumnSum(round.clients.map(\.b), slotWeights: slotWeights, cols: rank),
             scaling: round.commonScaling,
             diagnostics: diagnostics)
     }

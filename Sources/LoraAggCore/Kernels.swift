@@ -141,35 +141,41 @@ extension Kernels {
         precondition(sources.count == slotWeights.count, "one weight list per source")
         let cols = sources.first?.cols ?? 0
         precondition(sources.allSatisfy { $0.cols == cols }, "slotWeightedRowSum needs sources of one width")
-        var result = Matrix(zeros: rows, cols)
-        result.values.withUnsafeMutableBufferPointer { out in
-            guard let base = out.baseAddress, cols > 0 else { return }
+        // Every row below the largest rank has an owner and is written by
+        // weightedSum, so the result needs no zero fill first.
+        let owned = Swift.min(rows, sources.map(\.rows).max() ?? 0)
+        let values = makeArray(count: rows &* cols) { base in
+            (base + owned &* cols).update(repeating: 0, count: (rows &- owned) &* cols)
+            guard cols > 0 else { return }
             /// The (owner, weight) pairs of row i, as Float weights the kernel uses.
             func band(_ i: Int) -> [(Int, Float)] {
                 sources.indices.compactMap { k in sources[k].rows > i ? (k, Float(slotWeights[k][i])) : nil }
             }
             var lower = 0
-            while lower < rows {
+            while lower < owned {
                 let owners = band(lower)
                 var upper = lower + 1
-                while upper < rows, band(upper).elementsEqual(owners, by: { $0 == $1 }) { upper += 1 }
+                while upper < owned, band(upper).elementsEqual(owners, by: { $0 == $1 }) { upper += 1 }
                 weightedSum(owners.map { sources[$0.0].base + lower &* cols }, weights: owners.map(\.1),
                             count: (upper - lower) &* cols, into: base + lower &* cols)
                 lower = upper
             }
         }
-        return result
+        return Matrix(rows: rows, cols: cols, values: values)
     }
 
     /// Weighted sum of B factors of different ranks with one weight per client
     /// and rank slot: column j of the rows×cols result is
     /// Σ_{k: cols_k > j} slotWeights[k][j] · B_k[:, j].
     ///
-    /// Row-major B puts a client's slots side by side in every row, so the sum
-    /// walks blocks of rows with a 256 KB accumulator and streams each client's
-    /// matching (contiguous) block through it: every input byte is read once
-    /// and the accumulator stays in L2 however tall B is. Equal widths with
+    /// Row-major B puts a client's slots side by side in every row, so each
+    /// output row is summed eight slots at a time in a register over the
+    /// clients owning them and stored once: every input byte is read once and
+    /// every output byte written once, with no accumulator traffic at all
+    /// (a client-by-client pass re-reads a d_out×R accumulator K times, which
+    /// no longer fits in L2 at R = 64 with two threads). Equal widths with
     /// weights constant across slots reduce to one ``weightedSum`` call.
+    /// The sum runs in client order, so it is bit-identical to ``paddedColumnSum``.
     public static func slotWeightedColumnSum(_ sources: [MatrixView], slotWeights: [[Double]], cols: Int) -> Matrix {
         precondition(sources.count == slotWeights.count, "one weight list per source")
         let rows = sources.first?.rows ?? 0
@@ -180,35 +186,71 @@ extension Kernels {
         if uniform {
             return weightedSum(sources, weights: slotWeights.map { $0.first ?? 0 })
         }
-        // One flat table of Float weights, K × cols, zero beyond each client's width.
-        var table = [Float](repeating: 0, count: sources.count * cols)
-        for k in sources.indices { for j in 0..<widths[k] { table[k * cols + j] = Float(slotWeights[k][j]) } }
-        var result = Matrix(zeros: rows, cols)
-        guard cols > 0, rows > 0 else { return result }
-        // 256 KB of accumulator per block: inside L2, and long enough runs
-        // per client that the loop set-up is amortised.
-        let blockRows = Swift.max(1, 65_536 / cols)
-        let bases = sources.map(\.base), strides = sources.map(\.cols)
-        result.values.withUnsafeMutableBufferPointer { out in
-            table.withUnsafeBufferPointer { weights in
-                guard let base = out.baseAddress, let w = weights.baseAddress else { return }
-                var first = 0
-                while first < rows {
-                    let last = Swift.min(rows, first &+ blockRows)
-                    for k in sources.indices where widths[k] > 0 {
-                        let width = widths[k], stride = strides[k], source = bases[k]
-                        let wk = w + k &* cols
-                        for i in first..<last {
-                            let x = source + i &* stride
-                            let o = base + i &* cols
-                            for j in 0..<width { o[j] += wk[j] * x[j] }
+        typealias Lanes = SIMD8<Float>
+        let lanesPerBlock = Lanes.scalarCount
+        let blocks = (cols + lanesPerBlock - 1) / lanesPerBlock
+        // One term per (block of 8 slots, client owning any of them), grouped by block.
+        var terms: [SlotTerm] = []
+        var blockStarts = [0]
+        for block in 0..<blocks {
+            let first = block * lanesPerBlock
+            for k in sources.indices where widths[k] > first {
+                let lanes = Swift.min(lanesPerBlock, widths[k] - first)
+                var weight = Lanes(repeating: 0)
+                for lane in 0..<lanes { weight[lane] = Float(slotWeights[k][first + lane]) }
+                terms.append(SlotTerm(base: sources[k].base + first, stride: sources[k].cols, lanes: lanes, weight: weight))
+            }
+            blockStarts.append(terms.count)
+        }
+        let values = makeArray(count: rows &* cols) { out in
+            terms.withUnsafeBufferPointer { terms in
+                blockStarts.withUnsafeBufferPointer { starts in
+                    for i in 0..<rows {
+                        for block in 0..<blocks {
+                            var sum = Lanes(repeating: 0)
+                            var t = starts[block]
+                            let end = starts[block &+ 1]
+                            while t < end {
+                                let term = terms[t]
+                                let x = term.base + i &* term.stride
+                                switch term.lanes {
+                                case 8:
+                                    sum += term.weight * UnsafeRawPointer(x).loadUnaligned(as: Lanes.self)
+                                case 4:
+                                    let half = UnsafeRawPointer(x).loadUnaligned(as: SIMD4<Float>.self)
+                                    sum += term.weight * Lanes(lowHalf: half, highHalf: .zero)
+                                default:
+                                    var partial = Lanes(repeating: 0)
+                                    for lane in 0..<term.lanes { partial[lane] = x[lane] }
+                                    sum += term.weight * partial
+                                }
+                                t &+= 1
+                            }
+                            let o = out + (i &* cols &+ block &* lanesPerBlock)
+                            let stored = Swift.min(lanesPerBlock, cols &- block &* lanesPerBlock)
+                            if stored == lanesPerBlock {
+                                UnsafeMutableRawPointer(o).storeBytes(of: sum, as: Lanes.self)
+                            } else {
+                                for lane in 0..<stored { o[lane] = sum[lane] }
+                            }
                         }
                     }
-                    first = last
                 }
             }
         }
-        return result
+        return Matrix(rows: rows, cols: cols, values: values)
+    }
+
+    /// One client's share of a block of eight rank slots in ``slotWeightedColumnSum``.
+    private struct SlotTerm {
+        /// The client's first slot of the block, in row 0.
+        let base: UnsafePointer<Float>
+        /// The client's rank (its row length).
+        let stride: Int
+        /// How many of the eight slots the client owns (1...8).
+        let lanes: Int
+        /// Its weights for those slots, zero beyond `lanes`.
+        let weight: SIMD8<Float>
     }
 
     /// ‖B·A‖_F for B (m×r) and A (r×n) without forming the m×n product:
