@@ -77,7 +77,7 @@ struct FFALoRA: Strategy {
             var worst: Float = 0
             for i in 0..<count { worst = Swift.max(worst, abs(client.a.base[i] - reference.a.base[i])) }
             throw AggregationError.invalidInput(
-                "module '\(round.module)', client '\(client.id)': A differs from client '\(reference.id)' by up to \(worst) (allowed \(allowed) = \(tolerance) x max|A|); ffa-lora needs one shared, frozen A on every client")
+                "module '\(round.module)', client '\(client.id)': A differs from client '\(reference.id)' by up to \(worst) (allowed \(allowed), tolerance \(tolerance) of max|A_0|); ffa-lora needs one shared, frozen A on every client")
         }
     }
 
