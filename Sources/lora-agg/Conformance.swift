@@ -135,8 +135,10 @@ extension LoraAgg {
                     + result.measuredText.padding(toLength: measuredWidth, withPad: " ", startingAt: 0)
                 switch result.outcome {
                 case .pass, .skip:
-                    if !result.detail.isEmpty { line += "  " + String(result.detail.prefix(110)) }
-                    lines.append(line.trimmingCharacters(in: .whitespaces).isEmpty ? line : line)
+                    if !result.detail.isEmpty {
+                        line += "  " + (result.detail.count > 110 ? result.detail.prefix(109) + "…" : result.detail)
+                    }
+                    lines.append(line)
                 case .fail, .crashed:
                     lines.append(line)
                     lines.append(wrap(result.detail, width: 100, indent: String(repeating: " ", count: 8)))
