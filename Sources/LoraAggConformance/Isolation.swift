@@ -6,6 +6,12 @@ import LoraAggHost
 /// `version` and a `kind`. Readers ignore kinds they do not know.
 struct ChildRecord: Codable {
     static let currentVersion = 1
+    /// A measured error can be infinite (a result with payloads against one
+    /// without); JSON has no infinity, so it travels as a string.
+    static let nonFinite = JSONEncoder.NonConformingFloatEncodingStrategy.convertToString(
+        positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+    static let nonFiniteDecoding = JSONDecoder.NonConformingFloatDecodingStrategy.convertFromString(
+        positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
 
     var version = ChildRecord.currentVersion
     /// `plugin` (loaded: name, pluginVersion, path), `load-failed` (detail),
@@ -34,6 +40,7 @@ public enum ConformanceChild {
         defer { try? file.close() }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = ChildRecord.nonFinite
         func write(_ record: ChildRecord) {
             // One unbuffered write per record: the bytes reach the kernel
             // before the next check can crash the process.
@@ -196,6 +203,7 @@ public struct IsolatedRunner: Sendable {
     static func readRecords(_ path: String) -> [ChildRecord] {
         guard let data = FileManager.default.contents(atPath: path) else { return [] }
         let decoder = JSONDecoder()
+        decoder.nonConformingFloatDecodingStrategy = ChildRecord.nonFiniteDecoding
         return data.split(separator: UInt8(ascii: "\n")).compactMap { line in
             // A line cut short by a crash does not parse and is ignored.
             guard let record = try? decoder.decode(ChildRecord.self, from: Data(line)),

@@ -159,6 +159,8 @@ extension LoraAgg {
             }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            // JSON has no infinity; a measured error can be one.
+            encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
             let data = (try? encoder.encode(Document(passed: reports.allSatisfy(\.passed), plugins: reports))) ?? Data()
             return String(decoding: data, as: UTF8.self)
         }

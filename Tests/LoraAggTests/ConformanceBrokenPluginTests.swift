@@ -99,12 +99,110 @@ struct ConformanceBrokenPluginTests {
     __attribute__((visibility("default"))) const lora_agg_plugin *lora_agg_plugin_entry(void) { return &descriptor; }
     """#
 
-    /// Compiles one variant into `folder/lib<file>.so`.
-    static func build(_ file: String, name: String, flags: [String], in folder: String) throws -> String {
-        let sourcePath = folder + "/broken.c"
-        if !FileManager.default.fileExists(atPath: sourcePath) {
-            try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+    /// A plugin using every optional part of a result: FedIT factors, the
+    /// exact residual U·V = Σ p_k s_k B_k A_k − s·B̄·Ā kept factored
+    /// (U = [p_1 s_1 B_1 … p_K s_K B_K, −s B̄], V = [A_1; …; A_K; Ā]), and a
+    /// payload per client (Ā with its own B_k, FedSA-style). It exercises the
+    /// suite's comparison of updates through residuals and payloads.
+    static let residualSource = #"""
+    #include <math.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include "lora_agg.h"
+
+    typedef struct storage { float *blocks[5]; lora_agg_client_payload *payloads; } storage;
+
+    static lora_agg_status create(const char *config, const lora_agg_host_api *host, void **out, char *error, size_t cap) {
+        (void)config; (void)host; (void)error; (void)cap;
+        *out = malloc(1);
+        return LORA_AGG_OK;
+    }
+
+    static lora_agg_status aggregate(void *state, const lora_agg_round *round, lora_agg_result *result, char *error, size_t cap) {
+        (void)state;
+        const uint32_t n = round->client_count;
+        if (n == 0) { snprintf(error, cap, "no clients"); return LORA_AGG_INVALID_INPUT; }
+        const uint32_t r = round->clients[0].rank;
+        const size_t dout = round->d_out, din = round->d_in;
+        double total = 0, common = round->clients[0].scaling;
+        int same = 1;
+        for (uint32_t k = 0; k < n; k++) {
+            const lora_agg_client *c = &round->clients[k];
+            if (c->rank == 0) { snprintf(error, cap, "rank 0"); return LORA_AGG_INVALID_INPUT; }
+            if (c->rank != r) { snprintf(error, cap, "equal ranks only"); return LORA_AGG_UNSUPPORTED; }
+            for (size_t i = 0; i < r * din; i++) if (!isfinite(c->a[i])) { snprintf(error, cap, "non-finite A"); return LORA_AGG_INVALID_INPUT; }
+            for (size_t i = 0; i < dout * r; i++) if (!isfinite(c->b[i])) { snprintf(error, cap, "non-finite B"); return LORA_AGG_INVALID_INPUT; }
+            total += c->samples;
+            same &= c->scaling == common;
         }
+        if (!(total > 0)) { snprintf(error, cap, "zero samples"); return LORA_AGG_INVALID_INPUT; }
+        if (!same) { common = 0; for (uint32_t k = 0; k < n; k++) common += round->clients[k].samples / total * round->clients[k].scaling; }
+        const size_t q = (size_t)(n + 1) * r;
+        storage *st = calloc(1, sizeof *st);
+        float *a = calloc(r * din, sizeof(float)), *b = calloc(dout * r, sizeof(float));
+        float *u = calloc(dout * q, sizeof(float)), *v = calloc(q * din, sizeof(float));
+        float *own_b = calloc(n * dout * r, sizeof(float));
+        lora_agg_client_payload *payloads = calloc(n, sizeof *payloads);
+        for (uint32_t k = 0; k < n; k++) {
+            const lora_agg_client *c = &round->clients[k];
+            const double p = c->samples / total;
+            const float w = (float)(p * (c->scaling == common ? 1.0 : sqrt(c->scaling / common)));
+            for (size_t i = 0; i < r * din; i++) a[i] += w * c->a[i];
+            for (size_t i = 0; i < dout * r; i++) b[i] += w * c->b[i];
+            for (size_t i = 0; i < dout; i++)
+                for (size_t t = 0; t < r; t++) u[i * q + k * r + t] = (float)(p * c->scaling) * c->b[i * r + t];
+            for (size_t t = 0; t < r; t++)
+                for (size_t j = 0; j < din; j++) v[(k * r + t) * din + j] = c->a[t * din + j];
+            for (size_t i = 0; i < dout * r; i++) own_b[k * dout * r + i] = c->b[i];
+        }
+        for (size_t i = 0; i < dout; i++)
+            for (size_t t = 0; t < r; t++) u[i * q + n * r + t] = (float)(-common) * b[i * r + t];
+        for (size_t t = 0; t < r; t++)
+            for (size_t j = 0; j < din; j++) v[(n * r + t) * din + j] = a[t * din + j];
+        for (uint32_t k = 0; k < n; k++) {
+    #ifdef BUG_REVERSED_PAYLOADS
+            const uint32_t source = n - 1 - k;
+    #else
+            const uint32_t source = k;
+    #endif
+            payloads[k].struct_size = sizeof payloads[k];
+            payloads[k].rank = r;
+            payloads[k].scaling = round->clients[source].scaling;
+            payloads[k].a = a;
+            payloads[k].b = own_b + source * dout * r;
+        }
+        st->blocks[0] = a; st->blocks[1] = b; st->blocks[2] = u; st->blocks[3] = v; st->blocks[4] = own_b;
+        st->payloads = payloads;
+        result->rank = r; result->scaling = common; result->a = a; result->b = b;
+        result->residual_rank = (uint32_t)q; result->residual_u = u; result->residual_v = v;
+        result->client_payload_count = n; result->client_payloads = payloads;
+        result->plugin_private = st;
+        return LORA_AGG_OK;
+    }
+
+    static void free_result(void *state, lora_agg_result *result) {
+        (void)state;
+        storage *st = result->plugin_private;
+        for (int i = 0; i < 5; i++) free(st->blocks[i]);
+        free(st->payloads);
+        free(st);
+    }
+    static void destroy(void *state) { free(state); }
+
+    static const lora_agg_plugin descriptor = {
+        .abi_major = LORA_AGG_ABI_MAJOR, .abi_minor = LORA_AGG_ABI_MINOR, .struct_size = sizeof(lora_agg_plugin),
+        .name = NAME, .version = "0.0.1", .summary = "Exact through a factored residual, with per-client payloads; for the tests.",
+        .citation = "none", .description = "", .parameters_schema = "[]",
+        .capabilities = LORA_AGG_CAP_EXACT | LORA_AGG_CAP_BASE_RESIDUAL | LORA_AGG_CAP_PER_CLIENT_PAYLOADS,
+        .create = create, .aggregate = aggregate, .free_result = free_result, .destroy = destroy,
+    };
+    __attribute__((visibility("default"))) const lora_agg_plugin *lora_agg_plugin_entry(void) { return &descriptor; }
+    """#
+
+    /// Compiles one variant into `folder/lib<file>.so`.
+    static func build(_ file: String, name: String, flags: [String], in folder: String, source: String = source) throws -> String {
+        let sourcePath = folder + "/\(file).c"
+        try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
         let output = folder + "/lib\(file).so"
         let result = try ConformanceTools.run("/usr/bin/env", ["cc", "-shared", "-fPIC", "-std=c11", "-D_POSIX_C_SOURCE=200809L",
                                                                "-I", CPluginFactory.includeFolder, "-DNAME=\"\(name)\""]
@@ -161,6 +259,29 @@ struct ConformanceBrokenPluginTests {
         #expect(outcome("libBadName.so", "load-and-metadata") == "fail")
         #expect(report["libBadName.so"]?["load-and-metadata"]?.detail.contains("'Broken_Name' is not kebab-case") == true)
         #expect(outcome("libBadName.so", "deterministic") == "skip")
+    }
+
+    @Test("residuals and per-client payloads are compared as updates: an exact plugin using both passes, swapped payloads fail")
+    func residualsAndPayloads() throws {
+        let folder = try CPluginFactory.temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let plugins = [
+            try Self.build("Residual", name: "residual-payloads", flags: [], in: folder, source: Self.residualSource),
+            try Self.build("Reversed", name: "reversed-payloads", flags: ["-DBUG_REVERSED_PAYLOADS"], in: folder, source: Self.residualSource),
+        ]
+        let output = try ConformanceTools.loraAgg(["conformance", "--json"] + plugins)
+        let report = try ConformanceTools.decodeReport(output.stdout)
+        func outcome(_ plugin: String, _ check: String) -> String { report[plugin]?[check]?.outcome ?? "missing" }
+        for id in ConformanceSuite.checkIDs {
+            #expect(["pass", "skip"].contains(outcome("residual-payloads", id)), "residual-payloads \(id): \(report["residual-payloads"]?[id]?.detail ?? "")")
+        }
+        // The exact check ran (not skipped): the residual closes the gap to Σ p_k s_k B_k A_k.
+        #expect(outcome("residual-payloads", "exact-update") == "pass")
+        // Client k receiving client K−1−k's B: the global update is right, the clients' are not.
+        #expect(outcome("reversed-payloads", "exact-update") == "pass")
+        #expect(outcome("reversed-payloads", "client-order-irrelevant") == "fail")
+        #expect(report["reversed-payloads"]?["client-order-irrelevant"]?.detail.contains("from its payload") == true)
+        #expect(outcome("reversed-payloads", "identical-clients-return-that-client") == "pass")
     }
 
     @Test("a check that hangs is killed after --timeout and reported as CRASH; later checks still run")
