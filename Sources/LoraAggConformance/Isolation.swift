@@ -183,10 +183,7 @@ public struct IsolatedRunner: Sendable {
         }
         process.waitUntilExit()
         let records = Self.readRecords(output)
-        let stderrTail = (try? String(contentsOfFile: errors, encoding: .utf8))?
-            .split(separator: "\n").last { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
-            .map { String($0.prefix(300)) }
-        let tail = stderrTail.map { "; last message: \($0)" } ?? ""
+        let tail = Self.crashMessage(errors).map { "; it printed: \($0)" } ?? ""
         if timedOut {
             return (records, "no progress for \(formatNumber(timeout)) s: the check hung and was killed")
         }
@@ -198,6 +195,19 @@ public struct IsolatedRunner: Sendable {
         default:
             return (records, nil)
         }
+    }
+
+    /// The most telling line a crashed child wrote to standard error: a
+    /// Swift "Fatal error" or assertion line when there is one (the stack
+    /// trace that follows it says less), else the last line that is not a
+    /// stack frame.
+    static func crashMessage(_ path: String) -> String? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        let lines = text.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let isFrame = { (line: String) in line.first?.isNumber == true || line.hasPrefix("Current stack trace") || line.hasPrefix("Stack dump") }
+        let line = lines.first { $0.contains("Fatal error") || $0.contains("Assertion") || $0.contains("Precondition failed") }
+            ?? lines.last { !isFrame($0) }
+        return line.map { String($0.prefix(300)) }
     }
 
     static func readRecords(_ path: String) -> [ChildRecord] {
