@@ -7,5 +7,8 @@ enum ExpectedPlugins {
         "fedit",
         "template-swift",
         "template-c",
+        "zero-pad",
+        "replication-pad",
+        "ffa-lora",
     ]
 }
