@@ -284,30 +284,53 @@ extension Kernels {
     /// `y` (both `count` long). NaN anywhere fails, so a non-finite input is
     /// never mistaken for agreement.
     public static func allWithin(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, count: Int, tolerance: Float) -> Bool {
-        // Counting failures instead of branching keeps the loop vectorisable;
-        // `!(d <= t)` is true for NaN, unlike `d > t`.
-        // Checked 4096 at a time so a difference stops the scan early.
-        var failures = 0
-        var start = 0
-        while start < count {
-            let length = Swift.min(4096, count &- start)
-            let xs = x + start, ys = y + start
-            for i in 0..<length { failures &+= (abs(xs[i] - ys[i]) <= tolerance) ? 0 : 1 }
-            if failures > 0 { return false }
-            start &+= length
+        typealias Lanes = SIMD16<Float>
+        let width = Lanes.scalarCount
+        let upper = Lanes(repeating: tolerance), lower = Lanes(repeating: -tolerance)
+        let xs = UnsafeRawPointer(x), ys = UnsafeRawPointer(y)
+        // Both comparisons are false for NaN, so `inside` is false there.
+        var outside = SIMDMask<SIMD16<Int32>>(repeating: false)
+        var i = 0
+        while i &+ width <= count {
+            let offset = i &* MemoryLayout<Float>.stride
+            let difference = xs.loadUnaligned(fromByteOffset: offset, as: Lanes.self)
+                - ys.loadUnaligned(fromByteOffset: offset, as: Lanes.self)
+            outside = outside .| .!((difference .<= upper) .& (difference .>= lower))
+            i &+= width
+            // Checked every 4096 entries so a difference stops the scan early.
+            if i & 4095 == 0, any(outside) { return false }
+        }
+        if any(outside) { return false }
+        while i < count {
+            if !(abs(x[i] - y[i]) <= tolerance) { return false }
+            i &+= 1
         }
         return true
     }
 
     /// The largest |x[i]| (NaN when an entry is NaN).
     public static func maxMagnitude(_ x: UnsafePointer<Float>, count: Int) -> Float {
-        var largest: Float = 0
-        var sawNaN = false
-        for i in 0..<count {
-            let v = abs(x[i])
-            largest = v > largest ? v : largest
-            sawNaN = sawNaN || v.isNaN
+        typealias Lanes = SIMD16<Float>
+        let width = Lanes.scalarCount
+        let xs = UnsafeRawPointer(x)
+        var largest = Lanes(repeating: 0)
+        var sawNaN = SIMDMask<SIMD16<Int32>>(repeating: false)
+        var i = 0
+        while i &+ width <= count {
+            let v = xs.loadUnaligned(fromByteOffset: i &* MemoryLayout<Float>.stride, as: Lanes.self)
+            let magnitude = v.replacing(with: -v, where: v .< 0)
+            largest.replace(with: magnitude, where: magnitude .> largest)
+            sawNaN = sawNaN .| (v .!= v)
+            i &+= width
         }
-        return sawNaN ? .nan : largest
+        var result = largest.max()
+        var scalarNaN = any(sawNaN)
+        while i < count {
+            let v = abs(x[i])
+            result = v > result ? v : result
+            scalarNaN = scalarNaN || v.isNaN
+            i &+= 1
+        }
+        return scalarNaN ? .nan : result
     }
 }

@@ -63,5 +63,20 @@ struct SlotKernelTests {
         #expect(!Kernels.allWithin(x, nan, count: 4, tolerance: 1e-5))
         #expect(Kernels.maxMagnitude([-3, 2], count: 2) == 3)
         #expect(Kernels.maxMagnitude(nan, count: 4).isNaN)
+        // Long enough for the 16-lane loop and a scalar tail, with the odd entry in either part.
+        let long = (0..<5000).map { Float($0 % 13) - 6 }
+        #expect(Kernels.allWithin(long, long, count: 5000, tolerance: 0))
+        #expect(Kernels.maxMagnitude(long, count: 5000) == 6)
+        for position in [0, 37, 4099, 4999] {
+            var changed = long
+            changed[position] += 1e-3
+            #expect(!Kernels.allWithin(long, changed, count: 5000, tolerance: 1e-4))
+            #expect(Kernels.allWithin(long, changed, count: 5000, tolerance: 1e-2))
+            changed[position] = .nan
+            #expect(!Kernels.allWithin(long, changed, count: 5000, tolerance: 1e-2))
+            #expect(Kernels.maxMagnitude(changed, count: 5000).isNaN)
+            changed[position] = -70
+            #expect(Kernels.maxMagnitude(changed, count: 5000) == 70)
+        }
     }
 }
