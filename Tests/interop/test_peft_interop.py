@@ -65,6 +65,15 @@ def dtypes(path):
     return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
+def raw_tensors(path):
+    data = Path(path).read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_length])
+    start = 8 + header_length
+    return {k: (v["dtype"], v["shape"], data[start + v["data_offsets"][0]:start + v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 def scaling(config, module):
     """PEFT's scaling for a module, with its suffix-regex pattern rule."""
     import re
@@ -219,3 +228,19 @@ def test_gpt2_conv1d(tmp_path):
     assert any(d.shape[0] == d.shape[1] for d in deltas.values())
     check_merged(gpt2, tmp_path / "out", deltas, 1e-5, conv1d=True)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_peft_adapter_round_trips_bit_exactly(tmp_path, dtype):
+    """One client through fedit is the identity: every tensor comes back byte for byte."""
+    folder = make_adapter(tmp_path / "c0", llama, 0, dtype=dtype, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    expected_dtype = {None: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    assert set(dtypes(folder / "adapter_model.safetensors").values()) == {expected_dtype}
+    result = run_aggregate([(folder, 7)], tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert raw_tensors(tmp_path / "out" / "adapter_model.safetensors") == raw_tensors(folder / "adapter_model.safetensors")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    original = json.loads((folder / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "target_modules", "base_model_name_or_path", "peft_version"):
+        value = written[key]
+        assert (sorted(value) if isinstance(value, list) else value) == (sorted(original[key]) if isinstance(original[key], list) else original[key])
