@@ -341,7 +341,7 @@ public enum AggregationJob {
             if policy == .first || holders.count == 1 {
                 let file = adapters[holders[0]].file
                 if target == firstInfo.dtype {
-                    out.append(TensorToWrite(name: name, dtype: target, shape: firstInfo.shape, raw: file.rawData(firstInfo)))
+                    out.append(TensorToWrite(copying: firstInfo, from: file))
                 } else {
                     out.append(TensorToWrite(name: name, dtype: target, shape: firstInfo.shape, floats: try file.floats(firstInfo).array))
                 }

@@ -98,7 +98,7 @@ public enum ResidualApplier {
             if let values = updated[tensor.name] {
                 tensors.append(TensorToWrite(name: tensor.name, dtype: tensor.dtype, shape: tensor.shape, floats: values))
             } else {
-                tensors.append(TensorToWrite(name: tensor.name, dtype: tensor.dtype, shape: tensor.shape, raw: base.rawData(tensor)))
+                tensors.append(TensorToWrite(copying: tensor, from: base))
             }
         }
         try SafeTensorsWriter.write(tensors, metadata: base.metadata, to: output)

@@ -369,10 +369,12 @@ public enum BFloat16 {
 
 /// What to write for one tensor.
 public struct TensorToWrite: Sendable {
-    /// The data: Float32 values converted to `dtype` on writing, or bytes already in `dtype`.
+    /// The data: Float32 values converted to `dtype` on writing, bytes already
+    /// in `dtype`, or a tensor of a mapped file copied as is (never loaded whole).
     public enum Payload: Sendable {
         case floats([Float])
         case raw([UInt8])
+        case mapped(SafeTensorsFile, TensorInfo)
     }
     public var name: String
     public var dtype: DType
@@ -392,85 +394,131 @@ public struct TensorToWrite: Sendable {
         self.shape = shape
         self.payload = .raw(raw)
     }
+
+    /// A tensor copied unchanged from a mapped file.
+    public init(copying tensor: TensorInfo, from file: SafeTensorsFile) {
+        self.name = tensor.name
+        self.dtype = tensor.dtype
+        self.shape = tensor.shape
+        self.payload = .mapped(file, tensor)
+    }
+
+    /// Bytes this tensor takes in the file.
+    var byteCount: Int {
+        switch payload {
+        case .raw(let bytes): return bytes.count
+        case .mapped(_, let info): return info.byteCount
+        case .floats(let values): return values.count * dtype.bits / 8
+        }
+    }
 }
 
 /// Writes safetensors files the way the reference writer does: compact JSON
 /// header padded with spaces to a multiple of 8, tensors sorted by alignment
 /// then name, offsets contiguous from 0, all written atomically.
 public enum SafeTensorsWriter {
-    /// The encoded bytes of a whole file.
-    public static func encode(_ tensors: [TensorToWrite], metadata: [(String, String)] = [], file: String = "<memory>") throws(SafeTensorsError) -> [UInt8] {
+    /// Checks the tensors and lays them out: the length field plus padded
+    /// header, and the tensors in file order.
+    static func plan(_ tensors: [TensorToWrite], metadata: [(String, String)], file: String) throws(SafeTensorsError) -> (prefix: [UInt8], ordered: [TensorToWrite]) {
         var seen = Set<String>()
         for tensor in tensors where !seen.insert(tensor.name).inserted || tensor.name == "__metadata__" {
             throw SafeTensorsError(.duplicateTensor, file: file, tensor: tensor.name, "two tensors with this name, or a reserved name")
         }
         let ordered = tensors.sorted { ($0.dtype.bits, $1.name) > ($1.dtype.bits, $0.name) }
-        var blobs: [[UInt8]] = []
         var members: [(String, JSONValue)] = []
         if !metadata.isEmpty {
             members.append(("__metadata__", .object(metadata.map { ($0.0, .string($0.1)) })))
         }
         var offset = 0
         for tensor in ordered {
-            let blob = try bytes(of: tensor, file: file)
             let count = tensor.shape.reduce(1, *)
-            if blob.count * 8 != count * tensor.dtype.bits {
+            if tensor.byteCount * 8 != count * tensor.dtype.bits {
                 throw SafeTensorsError(.sizeMismatch, file: file, tensor: tensor.name,
-                                       "shape \(tensor.shape) of \(tensor.dtype.rawValue) needs \(count * tensor.dtype.bits / 8) bytes, got \(blob.count)")
+                                       "shape \(tensor.shape) of \(tensor.dtype.rawValue) needs \(count * tensor.dtype.bits / 8) bytes, got \(tensor.byteCount)")
+            }
+            if case .mapped(_, let info) = tensor.payload, info.dtype != tensor.dtype {
+                throw SafeTensorsError(.unsupportedDType, file: file, tensor: tensor.name, "a copied tensor keeps its dtype \(info.dtype.rawValue)")
             }
             members.append((tensor.name, .object([
                 ("dtype", .string(tensor.dtype.rawValue)),
                 ("shape", .array(tensor.shape.map { .integer($0) })),
-                ("data_offsets", .array([.integer(offset), .integer(offset + blob.count)])),
+                ("data_offsets", .array([.integer(offset), .integer(offset + tensor.byteCount)])),
             ])))
-            offset += blob.count
-            blobs.append(blob)
+            offset += tensor.byteCount
         }
         var header = Array(JSONValue.object(members).compact.utf8)
         while header.count % 8 != 0 { header.append(0x20) }
-        var out: [UInt8] = []
-        out.reserveCapacity(8 + header.count + offset)
-        withUnsafeBytes(of: UInt64(header.count).littleEndian) { out.append(contentsOf: $0) }
-        out.append(contentsOf: header)
-        for blob in blobs { out.append(contentsOf: blob) }
+        var prefix: [UInt8] = []
+        withUnsafeBytes(of: UInt64(header.count).littleEndian) { prefix.append(contentsOf: $0) }
+        return (prefix + header, ordered)
+    }
+
+    /// The encoded bytes of a whole file.
+    public static func encode(_ tensors: [TensorToWrite], metadata: [(String, String)] = [], file: String = "<memory>") throws(SafeTensorsError) -> [UInt8] {
+        let (prefix, ordered) = try plan(tensors, metadata: metadata, file: file)
+        var out = prefix
+        for tensor in ordered {
+            try withBytes(of: tensor, file: file) { out.append(contentsOf: $0) }
+        }
         return out
     }
 
-    /// Writes a file atomically: a temporary file in the same folder, fsync, rename.
+    /// Writes a file atomically (temporary file in the same folder, fsync,
+    /// rename), one tensor at a time, so copied tensors of a large mapped
+    /// checkpoint are never held in memory.
     public static func write(_ tensors: [TensorToWrite], metadata: [(String, String)] = [], to path: String) throws {
-        let bytes = try encode(tensors, metadata: metadata, file: path)
-        try AtomicFile.write(bytes, to: path)
+        let (prefix, ordered) = try plan(tensors, metadata: metadata, file: path)
+        try AtomicFile.write(to: path) { sink in
+            try prefix.withUnsafeBytes { try sink($0) }
+            for tensor in ordered {
+                try withBytes(of: tensor, file: path) { try sink($0) }
+            }
+        }
     }
 
-    static func bytes(of tensor: TensorToWrite, file: String) throws(SafeTensorsError) -> [UInt8] {
-        switch tensor.payload {
-        case .raw(let raw):
-            return raw
-        case .floats(let values):
-            var out = [UInt8]()
-            out.reserveCapacity(values.count * tensor.dtype.bits / 8)
-            switch tensor.dtype {
-            case .f32:
-                for value in values { withUnsafeBytes(of: value.bitPattern.littleEndian) { out.append(contentsOf: $0) } }
-            case .f64:
-                for value in values { withUnsafeBytes(of: Double(value).bitPattern.littleEndian) { out.append(contentsOf: $0) } }
-            case .bf16:
-                for value in values { withUnsafeBytes(of: BFloat16.encode(value).littleEndian) { out.append(contentsOf: $0) } }
-            case .f16:
-                for value in values {
-                    let half = Float16(value)
-                    if value.isFinite && !half.isFinite {
-                        throw SafeTensorsError(.valueOutOfRange, file: file, tensor: tensor.name,
-                                               "value \(value) does not fit in F16 (largest is 65504); write F32 or BF16 instead (--dtype)")
-                    }
-                    withUnsafeBytes(of: half.bitPattern.littleEndian) { out.append(contentsOf: $0) }
-                }
-            default:
-                throw SafeTensorsError(.unsupportedDType, file: file, tensor: tensor.name,
-                                       "cannot write floating-point values as \(tensor.dtype.rawValue); expected F32, F16, BF16 or F64")
+    /// Calls `body` with the little-endian bytes of a tensor in its dtype.
+    static func withBytes(of tensor: TensorToWrite, file: String, _ body: (UnsafeRawBufferPointer) throws -> Void) throws(SafeTensorsError) {
+        do {
+            switch tensor.payload {
+            case .raw(let raw):
+                try raw.withUnsafeBytes(body)
+            case .mapped(let source, let info):
+                try body(source.rawBytes(info))
+            case .floats(let values):
+                let encoded = try encodeFloats(values, dtype: tensor.dtype, name: tensor.name, file: file)
+                try encoded.withUnsafeBytes(body)
             }
-            return out
+        } catch let error as SafeTensorsError {
+            throw error
+        } catch {
+            throw SafeTensorsError(.writeFailed, file: file, tensor: tensor.name, "\(error)")
         }
+    }
+
+    static func encodeFloats(_ values: [Float], dtype: DType, name: String, file: String) throws(SafeTensorsError) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(values.count * dtype.bits / 8)
+        switch dtype {
+        case .f32:
+            for value in values { withUnsafeBytes(of: value.bitPattern.littleEndian) { out.append(contentsOf: $0) } }
+        case .f64:
+            for value in values { withUnsafeBytes(of: Double(value).bitPattern.littleEndian) { out.append(contentsOf: $0) } }
+        case .bf16:
+            for value in values { withUnsafeBytes(of: BFloat16.encode(value).littleEndian) { out.append(contentsOf: $0) } }
+        case .f16:
+            for value in values {
+                let half = Float16(value)
+                if value.isFinite && !half.isFinite {
+                    throw SafeTensorsError(.valueOutOfRange, file: file, tensor: name,
+                                           "value \(value) does not fit in F16 (largest is 65504); write F32 or BF16 instead (--dtype)")
+                }
+                withUnsafeBytes(of: half.bitPattern.littleEndian) { out.append(contentsOf: $0) }
+            }
+        default:
+            throw SafeTensorsError(.unsupportedDType, file: file, tensor: name,
+                                   "cannot write floating-point values as \(dtype.rawValue); expected F32, F16, BF16 or F64")
+        }
+        return out
     }
 }
 
@@ -480,6 +528,12 @@ public enum AtomicFile {
     /// over `path`, and fsyncs the folder, so readers see the old file or the
     /// new one and a failure leaves no partial file.
     public static func write(_ bytes: [UInt8], to path: String) throws {
+        try write(to: path) { sink in try bytes.withUnsafeBytes { try sink($0) } }
+    }
+
+    /// The same, with the content produced piece by piece: `body` calls its
+    /// argument with each chunk in order.
+    public static func write(to path: String, _ body: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void) throws {
         let url = URL(fileURLWithPath: path)
         let folder = url.deletingLastPathComponent().path
         let temporary = folder + "/." + url.lastPathComponent + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -491,8 +545,8 @@ public enum AtomicFile {
         }
         do {
             defer { close(fd) }
-            var written = 0
-            try bytes.withUnsafeBytes { buffer in
+            try body { buffer in
+                var written = 0
                 while written < buffer.count {
                     let result = Glibc.write(fd, buffer.baseAddress! + written, buffer.count - written)
                     if result < 0 {
