@@ -496,29 +496,26 @@ public enum SafeTensorsWriter {
     }
 
     static func encodeFloats(_ values: [Float], dtype: DType, name: String, file: String) throws(SafeTensorsError) -> [UInt8] {
-        var out = [UInt8]()
-        out.reserveCapacity(values.count * dtype.bits / 8)
+        // Whole-buffer conversions: this runs over every output value.
+        func bytes<T>(_ converted: [T]) -> [UInt8] { converted.withUnsafeBytes { Array($0) } }
         switch dtype {
         case .f32:
-            for value in values { withUnsafeBytes(of: value.bitPattern.littleEndian) { out.append(contentsOf: $0) } }
+            return bytes(values.map { $0.bitPattern.littleEndian })
         case .f64:
-            for value in values { withUnsafeBytes(of: Double(value).bitPattern.littleEndian) { out.append(contentsOf: $0) } }
+            return bytes(values.map { Double($0).bitPattern.littleEndian })
         case .bf16:
-            for value in values { withUnsafeBytes(of: BFloat16.encode(value).littleEndian) { out.append(contentsOf: $0) } }
+            return bytes(values.map { BFloat16.encode($0).littleEndian })
         case .f16:
-            for value in values {
-                let half = Float16(value)
-                if value.isFinite && !half.isFinite {
-                    throw SafeTensorsError(.valueOutOfRange, file: file, tensor: name,
-                                           "value \(value) does not fit in F16 (largest is 65504); write F32 or BF16 instead (--dtype)")
-                }
-                withUnsafeBytes(of: half.bitPattern.littleEndian) { out.append(contentsOf: $0) }
+            let halves = values.map { Float16($0) }
+            if let index = halves.indices.first(where: { !halves[$0].isFinite && values[$0].isFinite }) {
+                throw SafeTensorsError(.valueOutOfRange, file: file, tensor: name,
+                                       "value \(values[index]) does not fit in F16 (largest is 65504); write F32 or BF16 instead (--dtype)")
             }
+            return bytes(halves.map { $0.bitPattern.littleEndian })
         default:
             throw SafeTensorsError(.unsupportedDType, file: file, tensor: name,
                                    "cannot write floating-point values as \(dtype.rawValue); expected F32, F16, BF16 or F64")
         }
-        return out
     }
 }
 
