@@ -95,6 +95,27 @@ def run_aggregate(clients, out, strategy="fedit", extra=()):
     return subprocess.run(args, capture_output=True, text=True)
 
 
+def available(strategy):
+    listed = subprocess.run([BIN, "list"], capture_output=True, text=True).stdout.splitlines()
+    return any(line.split()[:1] == [strategy] for line in listed)
+
+
+def exact_expected(clients):
+    """The ideal update Σ p_k s_k B_k A_k per module, any ranks."""
+    total = sum(n for _, n in clients)
+    deltas = {}
+    for folder, samples in clients:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        tensors = read_tensors(Path(folder) / "adapter_model.safetensors")
+        for key in tensors:
+            if key.endswith(".lora_A.weight"):
+                module = key[len(PREFIX):-len(".lora_A.weight")]
+                s_k = scaling(config, module)[0]
+                update = samples / total * s_k * tensors[PREFIX + module + ".lora_B.weight"] @ tensors[key]
+                deltas[module] = deltas.get(module, 0) + update
+    return deltas
+
+
 def fedit_expected(clients):
     """Independent FedIT: p_k-weighted means of √(s_k/s)·A_k and √(s_k/s)·B_k, scaling s."""
     total = sum(n for _, n in clients)
@@ -158,8 +179,15 @@ def test_different_ranks_via_rank_pattern(tmp_path):
     assert result.returncode != 0
     assert "model.layers.1.self_attn.q_proj" in result.stderr and "equal rank" in result.stderr
     assert not (tmp_path / "out").exists()
-    listed = subprocess.run([BIN, "list"], capture_output=True, text=True).stdout
-    if "zero-pad" in listed.split():
+    if available("flora"):
+        # FLoRA stacks the clients' factors: exact for any ranks, output rank Σ r_k per module.
+        result = run_aggregate(clients, tmp_path / "stacked", strategy="flora")
+        assert result.returncode == 0, result.stderr
+        check_merged(llama, tmp_path / "stacked", exact_expected(clients), 1e-5)
+        config = json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())
+        assert scaling(config, "model.layers.1.self_attn.q_proj")[1] == 4 + 2
+        assert scaling(config, "model.layers.0.self_attn.q_proj")[1] == 4 + 4
+    if available("zero-pad"):
         result = run_aggregate(clients, tmp_path / "padded", strategy="zero-pad")
         assert result.returncode == 0, result.stderr
         # Zero-padding to the largest rank then averaging (scalings agree here: alpha 8 / r... differ
@@ -244,3 +272,51 @@ def test_peft_adapter_round_trips_bit_exactly(tmp_path, dtype):
     for key in ("r", "lora_alpha", "target_modules", "base_model_name_or_path", "peft_version"):
         value = written[key]
         assert (sorted(value) if isinstance(value, list) else value) == (sorted(original[key]) if isinstance(original[key], list) else original[key])
+
+
+def save_base(model, path):
+    """The base model as one safetensors checkpoint (tied weights written once)."""
+    from safetensors.torch import save_file
+    tensors, seen = {}, set()
+    for key, value in model.state_dict().items():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        tensors[key] = value.detach().clone().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_base(factory, path):
+    from safetensors.torch import load_file
+    model = factory()
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    assert not unexpected
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_residual_applied_to_the_base_is_exact(tmp_path, family):
+    """fedex-lora: adapter + residual folded into the base by apply-residual = W0 + Σ p_k s_k B_k A_k."""
+    if not available("fedex-lora"):
+        pytest.skip("fedex-lora is not built in this branch")
+    factory, conv1d = (llama, False) if family == "llama" else (gpt2, True)
+    kwargs = dict(target_modules=LLAMA_TARGETS) if family == "llama" else dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    clients = [(make_adapter(tmp_path / f"c{k}", factory, k, r=4, lora_alpha=8 * (k + 1), **kwargs), n)
+               for k, n in enumerate([1, 2, 3])]
+    result = run_aggregate(clients, tmp_path / "out", strategy="fedex-lora")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "residual.safetensors").exists()
+    save_base(factory(), tmp_path / "base.safetensors")
+    applied = subprocess.run([BIN, "apply-residual", "--base", str(tmp_path / "base.safetensors"),
+                              "--residual", str(tmp_path / "out" / "residual.safetensors"),
+                              "--out", str(tmp_path / "merged-base.safetensors")], capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    base = {k: v.detach().double().numpy() for k, v in factory().state_dict().items()}
+    model = PeftModel.from_pretrained(load_base(factory, tmp_path / "merged-base.safetensors"), str(tmp_path / "out"))
+    merged = {k: v.detach().double().numpy() for k, v in model.float().merge_and_unload().state_dict().items()}
+    for module, delta in exact_expected(clients).items():
+        key = module + ".weight"
+        expected = base[key] + (delta.T if conv1d else delta)
+        error = np.abs(merged[key] - expected).max() / np.abs(delta).max()
+        assert error < 1e-5, f"{module}: relative error {error}"
