@@ -52,6 +52,21 @@ public enum ResidualApplier {
         }
         guard !modules.isEmpty else { throw Failure(message: "residual '\(residualPath)' holds no '<module>.U' / '<module>.V' pairs") }
 
+        // Square weights cannot show their layout. PEFT flips fan_in_fan_out to
+        // true on GPT-2 even when a config says false, so the non-square
+        // modules of the same checkpoint, when they all agree, decide for the
+        // square ones; the residual's metadata is the fallback.
+        var shapeVotes = Set<Bool>()
+        for module in modules {
+            guard let u = residual.info(module + ".U"), let v = residual.info(module + ".V"),
+                  u.shape.count == 2, v.shape.count == 2, let weight = base.info(module + ".weight") else { continue }
+            let dOut = u.shape[0], dIn = v.shape[1]
+            if dOut == dIn { continue }
+            if weight.shape == [dOut, dIn] { shapeVotes.insert(false) }
+            if weight.shape == [dIn, dOut] { shapeVotes.insert(true) }
+        }
+        let squareLayout = shapeVotes.count == 1 ? shapeVotes.first! : fanInFanOut
+
         var updated: [String: [Float]] = [:]
         for module in modules.sorted() {
             let uInfo = residual.info(module + ".U")!, vInfo = residual.info(module + ".V")!
@@ -72,7 +87,7 @@ public enum ResidualApplier {
             case .linear: transpose = false
             case .conv1d: transpose = true
             case .auto:
-                if linearFits && convFits { transpose = fanInFanOut }
+                if linearFits && convFits { transpose = squareLayout }
                 else if linearFits { transpose = false }
                 else if convFits { transpose = true }
                 else { transpose = false }

@@ -233,3 +233,29 @@ struct AggregateResidualTests {
         #expect(ghost.status != 0 && ghost.stderr.contains("ghost.weight"))
     }
 }
+
+@Suite("apply-residual layout of square weights")
+struct ApplyResidualLayoutTests {
+    @Test("a square Conv1D weight follows the non-square modules even when the metadata says fan_in_fan_out false")
+    func squareFollowsShapes() throws {
+        let root = Craft.folder()
+        // sq: U·V = [[1,2],[3,4]] (by hand), base stored [in, out] like GPT-2 attn.c_proj.
+        try SafeTensorsWriter.write([
+            TensorToWrite(name: "sq.U", dtype: .f32, shape: [2, 2], floats: [1, 0, 0, 1]),
+            TensorToWrite(name: "sq.V", dtype: .f32, shape: [2, 2], floats: [1, 2, 3, 4]),
+            TensorToWrite(name: "wide.U", dtype: .f32, shape: [3, 1], floats: [1, 1, 1]),
+            TensorToWrite(name: "wide.V", dtype: .f32, shape: [1, 2], floats: [1, 1]),
+        ], metadata: [("format", "lora-agg-residual"), ("fan_in_fan_out", "false")], to: root + "/residual.safetensors")
+        try SafeTensorsWriter.write([
+            TensorToWrite(name: "sq.weight", dtype: .f32, shape: [2, 2], floats: [0, 0, 0, 0]),
+            TensorToWrite(name: "wide.weight", dtype: .f32, shape: [2, 3], floats: [0, 0, 0, 0, 0, 0]),
+        ], to: root + "/base.safetensors")
+        try ResidualApplier.apply(base: root + "/base.safetensors", residual: root + "/residual.safetensors", output: root + "/auto.safetensors")
+        #expect(try SafeTensorsFile(path: root + "/auto.safetensors").floats(named: "sq.weight").array == [1, 3, 2, 4])
+        // Forcing the Linear layout adds U·V untransposed, and refuses the [in, out] wide weight.
+        #expect(throws: ResidualApplier.Failure.self) {
+            try ResidualApplier.apply(base: root + "/base.safetensors", residual: root + "/residual.safetensors", output: root + "/linear.safetensors", orientation: .linear)
+        }
+        #expect(!FileManager.default.fileExists(atPath: root + "/linear.safetensors"))
+    }
+}
