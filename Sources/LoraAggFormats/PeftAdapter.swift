@@ -212,7 +212,7 @@ public final class PeftAdapter: @unchecked Sendable {
             }
             let isA = name.hasSuffix(".lora_A.weight"), isB = name.hasSuffix(".lora_B.weight")
             if !isA && !isB {
-                if name.contains(".lora_A") || name.contains(".lora_B") || name.contains("lora_") {
+                if name.split(separator: ".").contains(where: { $0.hasPrefix("lora_") }) {
                     throw AdapterError(.unrecognizedTensor, "adapter '\(folder)': unrecognized LoRA tensor '\(name)'; expected '<module>.lora_A.weight' and '<module>.lora_B.weight'")
                 }
                 extras.append(tensor)

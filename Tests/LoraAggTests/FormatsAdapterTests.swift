@@ -105,6 +105,13 @@ struct FormatsAdapterTests {
         let embedding = try AdapterFixture.write(Craft.folder(), config: AdapterFixture.config(), modules: modules,
                                                  extraTensors: [TensorToWrite(name: "base_model.model.model.embed_tokens.lora_embedding_A", dtype: .f32, shape: [2, 5], floats: .init(repeating: 1, count: 10))])
         #expect(AdapterFixture.errorKind(embedding) == .embeddingLoRA)
+        let named = try AdapterFixture.write(Craft.folder(), config: AdapterFixture.config(), modules: modules,
+                                             extraTensors: [TensorToWrite(name: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", dtype: .f32, shape: [2, 4], floats: .init(repeating: 1, count: 8))])
+        #expect(AdapterFixture.errorKind(named) == .unrecognizedTensor)
+        // A head whose name merely contains "lora_" is an ordinary extra tensor.
+        let head = try AdapterFixture.write(Craft.folder(), config: AdapterFixture.config(), modules: modules,
+                                            extraTensors: [TensorToWrite(name: "base_model.model.flora_head.weight", dtype: .f32, shape: [1], floats: [1])])
+        #expect(try PeftAdapter(folder: head).extraTensors.map(\.name) == ["base_model.model.flora_head.weight"])
         let ia3 = try AdapterFixture.write(Craft.folder(), config: AdapterFixture.config(extra: [("peft_type", .string("IA3"))]), modules: modules)
         #expect(AdapterFixture.errorKind(ia3) == .unsupportedAdapterType)
     }
