@@ -49,6 +49,24 @@ public enum Kernels {
         }
     }
 
+    /// Whether every value is finite, sixteen lanes at a time: x·0 is 0 for a
+    /// finite x and NaN for ±inf or NaN, and NaN survives the sum.
+    public static func allFinite(_ values: UnsafeBufferPointer<Float>) -> Bool {
+        guard let base = values.baseAddress else { return true }
+        typealias Lanes = SIMD16<Float>
+        let raw = UnsafeRawPointer(base)
+        var probe = Lanes(repeating: 0)
+        let blocks = values.count / Lanes.scalarCount
+        var block = 0
+        while block < blocks {
+            probe += raw.loadUnaligned(fromByteOffset: block &* MemoryLayout<Lanes>.stride, as: Lanes.self) * 0
+            block &+= 1
+        }
+        var tail: Float = 0
+        for i in (blocks &* Lanes.scalarCount)..<values.count { tail += values[i] * 0 }
+        return probe.sum() == 0 && tail == 0
+    }
+
     /// An uninitialised Float array filled by `body` (skips zeroing memory that is overwritten anyway).
     public static func makeArray(count: Int, _ body: (UnsafeMutablePointer<Float>) -> Void) -> [Float] {
         [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
