@@ -6,6 +6,8 @@ import PackageDescription
 /// the package links it, because the host finds plugins at run time.
 let strategyPlugins = [
     "FedIT",
+    "FedExLoRA",
+    "LoRAFAIR",
 ]
 
 /// Plugins built from `Templates/` so that `swift test` proves the templates
