@@ -49,6 +49,14 @@ var targets: [Target] = [
             .product(name: "Logging", package: "swift-log"),
         ]
     ),
+    // The benchmark: one LLaMA-sized round per strategy against memcpy.
+    .executableTarget(
+        name: "lora-agg-bench",
+        dependencies: [
+            "LoraAggCore", "LoraAggHost",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]
+    ),
     // Templates, built as real plugins.
     .target(
         name: swiftTemplatePlugin,

@@ -3,35 +3,57 @@ import COpenBLAS
 /// Memory-bound kernels shared by the factor-averaging strategies.
 ///
 /// Written by hand because no BLAS routine takes a list of separately
-/// allocated inputs: `saxpy` per client would read and write the accumulator
-/// K times, where this kernel keeps a cache-sized chunk of it in L1 and reads
-/// every input byte exactly once (see docs/performance.md).
+/// allocated inputs (`sgemv` needs the clients stacked in one buffer, which
+/// would cost a copy of the whole round), and `saxpy` per client would read
+/// and write the accumulator K times; this kernel reads every input byte once
+/// and writes every output byte once (see docs/performance.md).
 public enum Kernels {
-    /// Elements per chunk: 16 KB of accumulator, comfortably inside L1.
-    static let chunk = 4096
-
     /// `destination[i] = Σ_k weights[k] · sources[k][i]` for `i < count`.
     /// An empty `sources` writes zeros.
+    ///
+    /// Sixteen lanes at a time, the sum over clients is kept in a register and
+    /// stored once, so every input byte is read once and every output byte
+    /// written once; K input streams is well within what the prefetchers follow.
     public static func weightedSum(_ sources: [UnsafePointer<Float>], weights: [Float], count: Int,
                                    into destination: UnsafeMutablePointer<Float>) {
         precondition(sources.count == weights.count, "one weight per source")
-        guard let first = sources.first else {
+        if sources.isEmpty {
             destination.update(repeating: 0, count: count)
             return
         }
-        var start = 0
-        while start < count {
-            let length = Swift.min(chunk, count &- start)
-            let out = destination + start
-            let w0 = weights[0]
-            let x0 = first + start
-            for i in 0..<length { out[i] = w0 * x0[i] }
-            for k in 1..<sources.count {
-                let w = weights[k]
-                let x = sources[k] + start
-                for i in 0..<length { out[i] += w * x[i] }
+        typealias Lanes = SIMD16<Float>
+        let blocks = count / Lanes.scalarCount
+        sources.withUnsafeBufferPointer { inputs in
+            weights.withUnsafeBufferPointer { w in
+                let output = UnsafeMutableRawPointer(destination)
+                var block = 0
+                while block < blocks {
+                    let offset = block &* MemoryLayout<Lanes>.stride
+                    var sum = Lanes(repeating: w[0]) * UnsafeRawPointer(inputs[0]).loadUnaligned(fromByteOffset: offset, as: Lanes.self)
+                    var k = 1
+                    while k < inputs.count {
+                        sum += Lanes(repeating: w[k]) * UnsafeRawPointer(inputs[k]).loadUnaligned(fromByteOffset: offset, as: Lanes.self)
+                        k &+= 1
+                    }
+                    output.storeBytes(of: sum, toByteOffset: offset, as: Lanes.self)
+                    block &+= 1
+                }
+                var i = blocks &* Lanes.scalarCount
+                while i < count {
+                    var sum = w[0] * inputs[0][i]
+                    for k in 1..<inputs.count { sum += w[k] * inputs[k][i] }
+                    destination[i] = sum
+                    i &+= 1
+                }
             }
-            start &+= length
+        }
+    }
+
+    /// An uninitialised Float array filled by `body` (skips zeroing memory that is overwritten anyway).
+    public static func makeArray(count: Int, _ body: (UnsafeMutablePointer<Float>) -> Void) -> [Float] {
+        [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+            if let base = buffer.baseAddress { body(base) }
+            initialized = count
         }
     }
 
@@ -39,9 +61,7 @@ public enum Kernels {
     public static func weightedSum(_ sources: [MatrixView], weights: [Double]) -> Matrix {
         let rows = sources.first?.rows ?? 0, cols = sources.first?.cols ?? 0
         precondition(sources.allSatisfy { $0.rows == rows && $0.cols == cols }, "weightedSum needs matrices of one shape")
-        var values = [Float](repeating: 0, count: rows * cols)
-        values.withUnsafeMutableBufferPointer { out in
-            guard let base = out.baseAddress else { return }
+        let values = makeArray(count: rows * cols) { base in
             weightedSum(sources.map(\.base), weights: weights.map { Float($0) }, count: rows * cols, into: base)
         }
         return Matrix(rows: rows, cols: cols, values: values)

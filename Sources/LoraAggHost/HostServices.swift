@@ -32,9 +32,40 @@ enum HostServices {
                                                     UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>,
                                                     UnsafeMutablePointer<CChar>, Int) -> lora_agg_status = {
         count, weights, ranks, bs, as_, dOut, dIn, keep, u, sigma, vt, message, capacity in
-        let text = "factored_svd is not available in this host build"
-        _ = text.withCString { strncpy(message, $0, capacity) }
-        if capacity > 0 { message[capacity - 1] = 0 }
-        return LORA_AGG_UNSUPPORTED
+        do {
+            let rows = Int(dOut), cols = Int(dIn), kept = Int(keep)
+            let terms = (0..<Int(count)).map { j in
+                LowRank.Term(weight: weights[j],
+                             b: MatrixView(rows: rows, cols: Int(ranks[j]), base: bs[j]),
+                             a: MatrixView(rows: Int(ranks[j]), cols: cols, base: as_[j]))
+            }
+            let svd = try LowRank.factoredSVD(terms: terms, dOut: rows, dIn: cols, keep: kept)
+            // `keep` above min(d_out, d_in, Σr_j) is accepted: those slots come back zero.
+            for index in 0..<(rows * kept) { u[index] = svd.u.values[index] }
+            for index in 0..<(kept * cols) { vt[index] = svd.vt.values[index] }
+            for i in 0..<kept { sigma[i] = Float(svd.sigma[i]) }
+            return LORA_AGG_OK
+        } catch {
+            let status: lora_agg_status
+            switch error as? AggregationError {
+            case .invalidInput?: status = LORA_AGG_INVALID_INPUT
+            case .unsupported?: status = LORA_AGG_UNSUPPORTED
+            case .invalidConfig?: status = LORA_AGG_INVALID_CONFIG
+            case .invalidState?: status = LORA_AGG_INVALID_STATE
+            default: status = LORA_AGG_INTERNAL_ERROR
+            }
+            let text = (error as? AggregationError)?.message ?? "\(error)"
+            if capacity > 0 {
+                _ = text.withCString { strncpy(message, $0, capacity) }
+                message[capacity - 1] = 0
+            }
+            return status
+        }
     }
+}
+
+extension PluginLoader {
+    /// The services table every loaded plugin receives in `create`, for hosts
+    /// and tests that call a plugin's C entry points themselves.
+    public static var hostServices: UnsafePointer<lora_agg_host_api> { HostServices.table }
 }

@@ -49,7 +49,12 @@ public struct PluginRegistry: Sendable {
     /// Loads from the standard search order (see ``PluginLoader/searchPaths(explicit:environment:includeExecutableFolder:)``)
     /// and fails when nothing was found.
     public static func discover(explicit: [String] = []) throws -> PluginRegistry {
-        let registry = try PluginRegistry(paths: PluginLoader.searchPaths(explicit: explicit))
+        try discover(searching: PluginLoader.searchPaths(explicit: explicit))
+    }
+
+    /// Loads from exactly `paths` and fails when nothing was found.
+    public static func discover(searching paths: [String]) throws -> PluginRegistry {
+        let registry = try PluginRegistry(paths: paths)
         if registry.plugins.isEmpty {
             if let first = registry.skipped.first { throw first.error }
             throw LoaderError.noPluginsFound(searched: registry.searched)

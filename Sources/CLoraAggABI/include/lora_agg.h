@@ -60,7 +60,13 @@
 extern "C" {
 #endif
 
+/* Nullability annotations are a clang feature; other compilers (gcc) see nothing. */
+#if defined(__has_feature)
 #if __has_feature(assume_nonnull)
+#define LORA_AGG_HAS_NULLABILITY 1
+#endif
+#endif
+#if defined(LORA_AGG_HAS_NULLABILITY)
 #define LORA_AGG_ASSUME_NONNULL_BEGIN _Pragma("clang assume_nonnull begin")
 #define LORA_AGG_ASSUME_NONNULL_END _Pragma("clang assume_nonnull end")
 #else
