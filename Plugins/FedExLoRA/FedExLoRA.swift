@@ -33,8 +33,9 @@ import LoraAggPluginKit
 /// V = I when d_out > d_in), the rank-min(d_out, d_in) form the official code
 /// uses implicitly; `compressed` returns the truncated SVD of ΔW_res, keeping
 /// at most `residual_rank` singular values (0: no cap) and the fewest that
-/// keep `residual_energy` of ‖ΔW_res‖², computed from q×q Gram matrices
-/// without forming ΔW_res, and reports the dropped energy.
+/// keep `residual_energy` of ‖ΔW_res‖², through the exact factored SVD
+/// (`LowRank.factoredSVD`: QR of the stacks, a q×q core SVD) without forming
+/// ΔW_res, and reports the dropped energy.
 ///
 /// Deviations from the official code (`fed_agg.py::aggregate_models_ours`):
 /// weights are sample shares p_k (the code's 1/K is the equal-samples case);
@@ -170,14 +171,26 @@ struct FedExLoRA: Strategy {
             return AggregationResult(a: average.a, b: average.b, scaling: s, diagnostics: diagnostics)
         }
 
+        // Compression gets ‖U·V‖² exactly from its spectrum; otherwise it takes
+        // the q×q Gram matrices, the only diagnostic that costs more than a pass.
+        var svd: LowRank.Factorization?
+        if mode == .compressed {
+            svd = try u.withUnsafeBufferPointer { up in
+                try v.withUnsafeBufferPointer { vp in
+                    let term = LowRank.Term(weight: 1, b: MatrixView(rows: dOut, cols: q, base: up.baseAddress!),
+                                            a: MatrixView(rows: q, cols: dIn, base: vp.baseAddress!))
+                    return try LowRank.factoredSVD(terms: [term], dOut: dOut, dIn: dIn, keep: min(q, dOut, dIn))
+                }
+            }
+        }
         var norms: Norms?
-        var gramU: [Double] = [], gramV: [Double] = []
-        if reportNorms || mode == .compressed {
-            // Truncation needs the small eigenvalues, which Float Grams bury in round-off.
-            let precise = mode == .compressed
-            gramU = Self.gram(u, rows: dOut, cols: q, ofColumns: true, double: precise)
-            gramV = Self.gram(v, rows: q, cols: dIn, ofColumns: false, double: precise)
-            norms = Self.norms(gramU: gramU, gramV: gramV, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
+        if let svd {
+            norms = Self.norms(residualSquared: svd.totalEnergy, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
+        } else if reportNorms {
+            let gramU = Self.gram(u, rows: dOut, cols: q, ofColumns: true)
+            let gramV = Self.gram(v, rows: q, cols: dIn, ofColumns: false)
+            let squared = max(0, zip(gramU, gramV).reduce(0) { $0 + $1.0 * $1.1 })
+            norms = Self.norms(residualSquared: squared, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
         }
 
         let residual: FactoredResidual
@@ -189,14 +202,13 @@ struct FedExLoRA: Strategy {
             residual = Self.densify(u: u, v: v, q: q, dOut: dOut, dIn: dIn)
             diagnostics.append(Diagnostic("residual_rank", Double(residual.rank)))
         case .compressed:
-            let compressed = try Self.compress(u: u, v: v, gramU: gramU, gramV: gramV, q: q, dOut: dOut, dIn: dIn,
-                                               rankCap: rankCap, energy: energy, module: round.module)
+            let compressed = Self.truncate(svd!, dOut: dOut, dIn: dIn, rankCap: rankCap, energy: energy)
             residual = compressed.residual
             let total = norms!.residual * norms!.residual
-            let dropped = max(0, compressed.dropped)
             diagnostics.append(Diagnostic("residual_rank", Double(residual.rank)))
-            diagnostics.append(Diagnostic("residual_dropped_energy", total > 0 ? min(1, dropped / total) : 0))
-            diagnostics.append(Diagnostic("residual_error_relative", norms!.ideal > 0 ? dropped.squareRoot() / norms!.ideal : dropped.squareRoot()))
+            diagnostics.append(Diagnostic("residual_dropped_energy", total > 0 ? min(1, compressed.dropped / total) : 0))
+            diagnostics.append(Diagnostic("residual_error_relative",
+                                          norms!.ideal > 0 ? compressed.dropped.squareRoot() / norms!.ideal : compressed.dropped.squareRoot()))
         }
         if let norms, reportNorms {
             diagnostics.append(Diagnostic("residual_norm_relative", norms.ideal > 0 ? norms.residual / norms.ideal : norms.residual))
@@ -214,11 +226,10 @@ struct FedExLoRA: Strategy {
         var ideal: Double
     }
 
-    /// ‖U·V‖ = √tr((UᵀU)(VVᵀ)) and ‖s·B̄Ā + U·V‖, from Gram matrices and
-    /// r×q products only.
-    static func norms(gramU: [Double], gramV: [Double], u: [Float], v: [Float], abar: [Float], bbar: [Float],
+    /// ‖U·V‖ (given squared) and ‖s·B̄Ā + U·V‖ = √(s²‖B̄Ā‖² + 2s⟨B̄Ā, U·V⟩ + ‖U·V‖²),
+    /// from r×r Gram matrices and r×q products only.
+    static func norms(residualSquared: Double, u: [Float], v: [Float], abar: [Float], bbar: [Float],
                       s: Double, r: Int, q: Int, dOut: Int, dIn: Int) -> Norms {
-        let residualSquared = max(0, zip(gramU, gramV).reduce(0) { $0 + $1.0 * $1.1 })
         let gramB = gram(bbar, rows: dOut, cols: r, ofColumns: true)
         let gramA = gram(abar, rows: r, cols: dIn, ofColumns: false)
         let averageSquared = zip(gramB, gramA).reduce(0) { $0 + $1.0 * $1.1 }
@@ -236,21 +247,19 @@ struct FedExLoRA: Strategy {
     }
 
     /// The Gram matrix of the columns (XᵀX) or of the rows (XXᵀ) of a
-    /// row-major Float matrix, through `ssyrk` (or `dsyrk` on a widened copy
-    /// when `double`), as a symmetric Double matrix.
-    static func gram(_ x: [Float], rows: Int, cols: Int, ofColumns: Bool, double: Bool = false) -> [Double] {
+    /// row-major Float matrix, through `ssyrk`, as a symmetric Double matrix.
+    static func gram(_ x: [Float], rows: Int, cols: Int, ofColumns: Bool) -> [Double] {
         let n = ofColumns ? cols : rows, depth = ofColumns ? rows : cols
-        let transpose = ofColumns ? CblasTrans : CblasNoTrans
+        var g = [Float](repeating: 0, count: n * n)
+        cblas_ssyrk(CblasRowMajor, CblasUpper, ofColumns ? CblasTrans : CblasNoTrans,
+                    Int32(n), Int32(depth), 1, x, Int32(cols), 0, &g, Int32(n))
         var result = [Double](repeating: 0, count: n * n)
-        if double {
-            let wide = x.map { Double($0) }
-            cblas_dsyrk(CblasRowMajor, CblasUpper, transpose, Int32(n), Int32(depth), 1, wide, Int32(cols), 0, &result, Int32(n))
-        } else {
-            var g = [Float](repeating: 0, count: n * n)
-            cblas_ssyrk(CblasRowMajor, CblasUpper, transpose, Int32(n), Int32(depth), 1, x, Int32(cols), 0, &g, Int32(n))
-            for i in 0..<(n * n) { result[i] = Double(g[i]) }
+        for i in 0..<n {
+            for j in i..<n {
+                result[i * n + j] = Double(g[i * n + j])
+                result[j * n + i] = Double(g[i * n + j])
+            }
         }
-        for i in 0..<n { for j in (i + 1)..<max(i + 1, n) { result[j * n + i] = result[i * n + j] } }
         return result
     }
 
@@ -266,89 +275,30 @@ struct FedExLoRA: Strategy {
         return dOut <= dIn ? FactoredResidual(u: identity, v: product) : FactoredResidual(u: product, v: identity)
     }
 
-    /// The truncated SVD of U·V from its Gram matrices:
-    ///
-    /// ```
-    /// VVᵀ = Q Λ Qᵀ                   (drop round-off eigenvalues)
-    /// U·V = (U Q Λ^½)(Λ^-½ Qᵀ V)      the right factor has orthonormal rows
-    /// Λ^½ Qᵀ (UᵀU) Q Λ^½ = W Σ² Wᵀ   so U Q Λ^½ W has orthogonal columns of norms σ
-    /// U' = U·(Q Λ^½ W_k),  V' = (W_kᵀ Λ^-½ Qᵀ)·V
-    /// ```
-    ///
-    /// Only q×q eigenproblems and two thin GEMMs; the dropped energy is Σ of
-    /// the dropped σ². Accurate to about √ε of the largest σ², ample for a
-    /// truncation that drops a visible share of the energy.
-    static func compress(u: [Float], v: [Float], gramU: [Double], gramV: [Double], q: Int, dOut: Int, dIn: Int,
-                         rankCap: Int, energy: Double, module: String) throws -> (residual: FactoredResidual, dropped: Double) {
-        let (lambda, basis) = try symmetricEigen(gramV, n: q, module: module)
-        let lambdaMax = lambda.last ?? 0
-        let kept = (0..<q).filter { lambda[$0] > lambdaMax * 1e-12 && lambda[$0] > 0 }
-        let m = kept.count
-        guard m > 0 else {
-            return (FactoredResidual(u: Matrix(zeros: dOut, 0), v: Matrix(zeros: 0, dIn)), 0)
-        }
-        // T = Q_kept Λ^½ (q×m), column j scaled by √λ_j.
-        var t = [Double](repeating: 0, count: q * m)
-        for i in 0..<q { for (j, e) in kept.enumerated() { t[i * m + j] = basis[i * q + e] * lambda[e].squareRoot() } }
-        // C = Tᵀ (UᵀU) T  (m×m).
-        var gt = [Double](repeating: 0, count: q * m), core = [Double](repeating: 0, count: m * m)
-        Kernels.gemm(gramU, t, &gt, m: q, n: m, k: q)
-        Kernels.gemm(t, gt, &core, m: m, n: m, k: q, transposeA: true)
-        let (sigmaSquared, w) = try symmetricEigen(core, n: m, module: module)
-        // Descending order of σ².
-        let order = (0..<m).reversed().map { $0 }
-        let total = sigmaSquared.reduce(0) { $0 + max(0, $1) }
-        let floor = (sigmaSquared.last ?? 0) * 1e-12
+    /// The truncation of an exact SVD of U·V: the fewest leading singular
+    /// values that keep `energy` of ‖U·V‖², at most `rankCap` of them (0: no
+    /// cap), never ones at round-off level (σ ≤ 10⁻⁶ σ_max: below what Float32
+    /// factors resolve). Returns U' = U_k Σ_k, V' = V_kᵀ and Σ of the dropped σ².
+    static func truncate(_ svd: LowRank.Factorization, dOut: Int, dIn: Int, rankCap: Int, energy: Double)
+        -> (residual: FactoredResidual, dropped: Double) {
+        let spectrum = svd.spectrum
+        let total = svd.totalEnergy, floor = (spectrum.first ?? 0) * 1e-6
         var keep = 0, running = 0.0
-        for index in order {
+        for sigma in spectrum {
             if rankCap > 0 && keep >= rankCap { break }
-            if sigmaSquared[index] <= floor { break }
+            if !(sigma > floor) { break }
             if energy < 1 && running >= energy * total { break }
-            running += sigmaSquared[index]
+            running += sigma * sigma
             keep += 1
         }
-        let dropped = max(0, total - running)
-        guard keep > 0 else {
-            return (FactoredResidual(u: Matrix(zeros: dOut, 0), v: Matrix(zeros: 0, dIn)), dropped)
+        let columns = svd.u.cols
+        var u = [Float](repeating: 0, count: dOut * keep)
+        for i in 0..<dOut {
+            for c in 0..<keep { u[i * keep + c] = Float(Double(svd.u.values[i * columns + c]) * spectrum[c]) }
         }
-        // Left map L = T W_k (q×keep); right map R = W_kᵀ Λ^-1 Tᵀ = W_kᵀ Λ^-½ Qᵀ (keep×q).
-        var left = [Float](repeating: 0, count: q * keep), right = [Float](repeating: 0, count: keep * q)
-        for i in 0..<q {
-            for (column, index) in order.prefix(keep).enumerated() {
-                var l = 0.0, rr = 0.0
-                for (j, e) in kept.enumerated() {
-                    l += t[i * m + j] * w[j * m + index]
-                    rr += w[j * m + index] * basis[i * q + e] / lambda[e].squareRoot()
-                }
-                left[i * keep + column] = Float(l)
-                right[column * q + i] = Float(rr)
-            }
-        }
-        var newU = [Float](repeating: 0, count: dOut * keep), newV = [Float](repeating: 0, count: keep * dIn)
-        Kernels.gemm(u, left, &newU, m: dOut, n: keep, k: q)
-        Kernels.gemm(right, v, &newV, m: keep, n: dIn, k: q)
-        return (FactoredResidual(u: Matrix(rows: dOut, cols: keep, values: newU),
-                                 v: Matrix(rows: keep, cols: dIn, values: newV)), dropped)
-    }
-
-    /// Eigenvalues (ascending) and row-major eigenvectors (column j is the
-    /// j-th vector) of a symmetric n×n matrix, through LAPACK `dsyevd`.
-    static func symmetricEigen(_ matrix: [Double], n: Int, module: String) throws -> ([Double], [Double]) {
-        // Symmetric, so row- and column-major agree on input; the output
-        // vectors are columns in column-major, i.e. rows in row-major: transpose back.
-        var a = matrix, w = [Double](repeating: 0, count: n)
-        var order = Int32(n), lda = Int32(max(1, n)), info: Int32 = 0
-        var workSize = 0.0, iworkSize: Int32 = 0, query: Int32 = -1
-        dsyevd_("V", "U", &order, &a, &lda, &w, &workSize, &query, &iworkSize, &query, &info)
-        var lwork = Int32(workSize), liwork = iworkSize
-        var work = [Double](repeating: 0, count: Int(lwork)), iwork = [Int32](repeating: 0, count: Int(liwork))
-        dsyevd_("V", "U", &order, &a, &lda, &w, &work, &lwork, &iwork, &liwork, &info)
-        if info != 0 {
-            throw AggregationError.internalError("module '\(module)': eigen-decomposition of a \(n)x\(n) Gram matrix failed (LAPACK dsyevd info \(info))")
-        }
-        var vectors = [Double](repeating: 0, count: n * n)
-        for i in 0..<n { for j in 0..<n { vectors[i * n + j] = a[j * n + i] } }
-        return (w, vectors)
+        let v = Array(svd.vt.values.prefix(keep * dIn))
+        return (FactoredResidual(u: Matrix(rows: dOut, cols: keep, values: u), v: Matrix(rows: keep, cols: dIn, values: v)),
+                svd.tailEnergy(after: keep))
     }
 }
 
