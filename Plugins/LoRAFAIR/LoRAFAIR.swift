@@ -97,29 +97,86 @@ struct LoRAFAIR: Strategy {
         let rescale = round.clients.indices.map { round.factorRescale($0) }
         let r = round.clients[0].rank, dOut = round.dOut, dIn = round.dIn
 
-        let factorWeights = active.map { weights[$0] * rescale[$0] }
-        let abar = Kernels.weightedSum(active.map { round.clients[$0].a }, weights: factorWeights)
-        let bbar = Kernels.weightedSum(active.map { round.clients[$0].b }, weights: factorWeights)
+        let factorWeights = active.map { Float(weights[$0] * rescale[$0]) }
+        let block = Self.block
 
-        // G = ĀĀᵀ and M_k = A_k Āᵀ, then P = Σ_k B_k N_k with N_k = p_k c_k (c_k M_k − G).
-        let gram = Self.rowGram(abar.values, rows: r, cols: dIn)
-        var p = [Float](repeating: 0, count: dOut * r)
-        var m = [Float](repeating: 0, count: r * r), n = [Float](repeating: 0, count: r * r)
-        for (index, k) in active.enumerated() {
-            let client = round.clients[k]
-            abar.values.withUnsafeBufferPointer { ap in
-                Kernels.gemm(client.a.base, ap.baseAddress!, &m, m: r, n: r, k: dIn, transposeB: true)
+        // Pass over the A factors, column blocks at a time: Ā's block, then
+        // M_k += A_k[:, block]·Ā[:, block]ᵀ while A_k's block is still in cache.
+        // G = ĀĀᵀ = Σ p_k c_k M_k comes free.
+        var abar = [Float](repeating: 0, count: r * dIn)
+        var m = [Float](repeating: 0, count: active.count * r * r)
+        abar.withUnsafeMutableBufferPointer { abarOut in
+            m.withUnsafeMutableBufferPointer { mOut in
+                let mean = abarOut.baseAddress!
+                var column = 0
+                while column < dIn {
+                    let width = min(block, dIn - column)
+                    for t in 0..<r {
+                        let offset = t * dIn + column
+                        Kernels.weightedSum(active.map { round.clients[$0].a.base + offset }, weights: factorWeights,
+                                            count: width, into: mean + offset)
+                    }
+                    for (slot, k) in active.enumerated() {
+                        // Below OpenBLAS's threading threshold, so it never competes with the caller's threads.
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(r), Int32(r), Int32(width), 1,
+                                    round.clients[k].a.base + column, Int32(dIn), mean + column, Int32(dIn),
+                                    column == 0 ? 0 : 1, mOut.baseAddress! + slot * r * r, Int32(r))
+                    }
+                    column += width
+                }
             }
+        }
+        var gram = [Double](repeating: 0, count: r * r)
+        for (slot, k) in active.enumerated() {
+            let w = weights[k] * rescale[k]
+            for i in 0..<(r * r) { gram[i] += w * Double(m[slot * r * r + i]) }
+        }
+        for i in 0..<r { for j in 0..<i { gram[i * r + j] = 0.5 * (gram[i * r + j] + gram[j * r + i]); gram[j * r + i] = gram[i * r + j] } }
+        // N_k = p_k c_k (c_k M_k − G).
+        var n = [Float](repeating: 0, count: active.count * r * r)
+        for (slot, k) in active.enumerated() {
             let c = rescale[k], w = weights[k] * c
-            for i in 0..<(r * r) { n[i] = Float(w * (c * Double(m[i]) - gram[i])) }
-            Kernels.gemm(client.b.base, n, &p, m: dOut, n: r, k: r, beta: index == 0 ? 0 : 1)
+            for i in 0..<(r * r) { n[slot * r * r + i] = Float(w * (c * Double(m[slot * r * r + i]) - gram[i])) }
+        }
+
+        // Pass over the B factors, row blocks at a time: B̄'s block, P's block
+        // = Σ_k B_k[block]·N_k, and their Gram blocks for ZᵀZ (Z = [B̄ P]).
+        var bbar = [Float](repeating: 0, count: dOut * r)
+        var p = [Float](repeating: 0, count: dOut * r)
+        var zzBlocks = [Float](repeating: 0, count: 3 * r * r)  // B̄ᵀB̄, B̄ᵀP, PᵀP
+        bbar.withUnsafeMutableBufferPointer { bbarOut in
+            p.withUnsafeMutableBufferPointer { pOut in
+                zzBlocks.withUnsafeMutableBufferPointer { zzOut in
+                    n.withUnsafeBufferPointer { nIn in
+                        var row = 0
+                        while row < dOut {
+                            let height = min(block, dOut - row)
+                            let offset = row * r
+                            let meanBlock = bbarOut.baseAddress! + offset, pBlock = pOut.baseAddress! + offset
+                            Kernels.weightedSum(active.map { round.clients[$0].b.base + offset }, weights: factorWeights,
+                                                count: height * r, into: meanBlock)
+                            for (slot, k) in active.enumerated() {
+                                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(height), Int32(r), Int32(r), 1,
+                                            round.clients[k].b.base + offset, Int32(r), nIn.baseAddress! + slot * r * r, Int32(r),
+                                            slot == 0 ? 0 : 1, pBlock, Int32(r))
+                            }
+                            let beta: Float = row == 0 ? 0 : 1
+                            for (index, (left, right)) in [(meanBlock, meanBlock), (meanBlock, pBlock), (pBlock, pBlock)].enumerated() {
+                                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(r), Int32(r), Int32(height), 1,
+                                            left, Int32(r), right, Int32(r), beta, zzOut.baseAddress! + index * r * r, Int32(r))
+                            }
+                            row += height
+                        }
+                    }
+                }
+            }
         }
 
         // Everything below is r×r algebra on the coefficients of ΔB in span[B̄, P].
-        let basis = Basis(bbar: bbar.values, p: p, gram: gram, r: r, dOut: dOut)
+        let basis = Basis(bbar: bbar, p: p, gram: gram, r: r, dOut: dOut, grams: zzBlocks)
         var diagnostics: [Diagnostic] = []
         let needIdealNorm = reportCosines || solver == .cosine
-        let idealNorm = needIdealNorm ? Self.idealNorm(round, active: active, rescale: rescale, bbar: bbar.values, basis: basis) : 0
+        let idealNorm = needIdealNorm ? Self.idealNorm(round, active: active, rescale: rescale, bbar: bbar, basis: basis) : 0
 
         let coefficients: [Double]  // D (2r×r): ΔB = [B̄ P]·D
         switch solver {
@@ -135,9 +192,7 @@ struct LoRAFAIR: Strategy {
             diagnostics.append(Diagnostic("iterations_run", Double(result.iterations)))
         }
 
-        let deltaB = basis.combine(coefficients)
-        var corrected = bbar.values
-        for i in corrected.indices { corrected[i] += deltaB[i] }
+        let corrected = basis.combine(basis.withIdentity(coefficients))
 
         let bbarNorm = basis.bbarNorm
         let deltaNorm = basis.norm(coefficients)
@@ -146,7 +201,7 @@ struct LoRAFAIR: Strategy {
             diagnostics.append(Diagnostic("cosine_before", basis.cosine(d: [Double](repeating: 0, count: 2 * r * r), idealNorm: idealNorm)))
             diagnostics.append(Diagnostic("cosine_after", basis.cosine(d: coefficients, idealNorm: idealNorm)))
         }
-        return AggregationResult(a: abar, b: Matrix(rows: dOut, cols: r, values: corrected), scaling: s,
+        return AggregationResult(a: Matrix(rows: r, cols: dIn, values: abar), b: Matrix(rows: dOut, cols: r, values: corrected), scaling: s,
                                  diagnostics: diagnostics)
     }
 
@@ -181,6 +236,11 @@ struct LoRAFAIR: Strategy {
         return max(0, averageSquared + 2 * cross + residualSquared).squareRoot()
     }
 
+    /// Rows or columns per block of the fused passes: a client's block
+    /// (r×256 floats) stays in L1/L2 between its uses, and the small GEMMs
+    /// on it (r·r·256 multiply-adds) stay single-threaded inside OpenBLAS.
+    static let block = 256
+
     /// XXᵀ of a row-major rows×cols Float matrix, through `ssyrk`, as Double.
     static func rowGram(_ x: [Float], rows: Int, cols: Int) -> [Double] {
         symmetricGram(x, n: rows, depth: cols, lda: cols, transpose: false)
@@ -205,28 +265,65 @@ struct LoRAFAIR: Strategy {
         return result
     }
 
-    /// (G + ridge·I)⁻¹ for symmetric positive semi-definite G, through LAPACK
-    /// `dsyevd`; directions with eigenvalue + ridge at round-off level are
-    /// dropped, which gives the pseudo-inverse (minimum-norm least squares) at ridge 0.
+    /// (G + ridge·I)⁻¹ for symmetric positive semi-definite G; directions
+    /// with eigenvalue + ridge at round-off level are dropped, which gives the
+    /// pseudo-inverse (minimum-norm least squares) at ridge 0.
     static func regularisedInverse(_ g: [Double], n: Int, ridge: Double, module: String) throws -> [Double] {
-        var a = g, w = [Double](repeating: 0, count: n)
-        var order = Int32(n), lda = Int32(max(1, n)), info: Int32 = 0
-        var workSize = 0.0, iworkSize: Int32 = 0, query: Int32 = -1
-        dsyevd_("V", "U", &order, &a, &lda, &w, &workSize, &query, &iworkSize, &query, &info)
-        var lwork = Int32(workSize), liwork = iworkSize
-        var work = [Double](repeating: 0, count: Int(lwork)), iwork = [Int32](repeating: 0, count: Int(liwork))
-        dsyevd_("V", "U", &order, &a, &lda, &w, &work, &lwork, &iwork, &liwork, &info)
-        if info != 0 {
-            throw AggregationError.internalError("module '\(module)': eigen-decomposition of the \(n)x\(n) Gram matrix of A failed (LAPACK dsyevd info \(info))")
+        let (values, vectors) = symmetricEigen(g, n: n)
+        guard values.allSatisfy({ $0.isFinite }) else {
+            throw AggregationError.internalError("module '\(module)': eigen-decomposition of the \(n)x\(n) Gram matrix of A did not give finite values")
         }
-        let largest = (w.last ?? 0) + ridge
+        let largest = (values.max() ?? 0) + ridge
         var inverse = [Double](repeating: 0, count: n * n)
-        // Column-major output: eigenvector e is a[e*n ..< (e+1)*n].
-        for e in 0..<n where w[e] + ridge > largest * 1e-10 && w[e] + ridge > 0 {
-            let scale = 1 / (w[e] + ridge)
-            for i in 0..<n { for j in 0..<n { inverse[i * n + j] += scale * a[e * n + i] * a[e * n + j] } }
+        for e in 0..<n where values[e] + ridge > largest * 1e-10 && values[e] + ridge > 0 {
+            let scale = 1 / (values[e] + ridge)
+            for i in 0..<n { for j in 0..<n { inverse[i * n + j] += scale * vectors[i * n + e] * vectors[j * n + e] } }
         }
         return inverse
+    }
+
+    /// Eigenvalues and eigenvectors (column e of the row-major result) of a
+    /// small symmetric matrix by cyclic Jacobi rotations.
+    ///
+    /// Hand-written rather than LAPACK `dsyevd` because OpenBLAS runs the
+    /// `dsymv` inside `dsytrd` multi-threaded even for 16×16 matrices, and
+    /// those threads fight the caller's own per-module threads; for r×r
+    /// (r ≲ 100) Jacobi costs microseconds and is accurate to round-off.
+    static func symmetricEigen(_ matrix: [Double], n: Int) -> (values: [Double], vectors: [Double]) {
+        var a = matrix
+        var v = [Double](repeating: 0, count: n * n)
+        for i in 0..<n { v[i * n + i] = 1 }
+        let total = a.reduce(0) { $0 + $1 * $1 }
+        for _ in 0..<100 {
+            var off = 0.0
+            for i in 0..<n { for j in (i + 1)..<max(i + 1, n) { off += a[i * n + j] * a[i * n + j] } }
+            if off <= 1e-30 * total || off == 0 { break }
+            for p in 0..<n {
+                for q in (p + 1)..<max(p + 1, n) {
+                    let apq = a[p * n + q]
+                    if apq == 0 { continue }
+                    let theta = (a[q * n + q] - a[p * n + p]) / (2 * apq)
+                    let t = (theta >= 0 ? 1.0 : -1.0) / (abs(theta) + (theta * theta + 1).squareRoot())
+                    let c = 1 / (t * t + 1).squareRoot(), s = t * c
+                    for k in 0..<n {
+                        let akp = a[k * n + p], akq = a[k * n + q]
+                        a[k * n + p] = c * akp - s * akq
+                        a[k * n + q] = s * akp + c * akq
+                    }
+                    for k in 0..<n {
+                        let apk = a[p * n + k], aqk = a[q * n + k]
+                        a[p * n + k] = c * apk - s * aqk
+                        a[q * n + k] = s * apk + c * aqk
+                    }
+                    for k in 0..<n {
+                        let vkp = v[k * n + p], vkq = v[k * n + q]
+                        v[k * n + p] = c * vkp - s * vkq
+                        v[k * n + q] = s * vkp + c * vkq
+                    }
+                }
+            }
+        }
+        return ((0..<n).map { a[$0 * n + $0] }, v)
     }
 }
 
@@ -242,25 +339,25 @@ struct Basis {
     /// ZᵀZ, 2r×2r.
     let zz: [Double]
 
-    init(bbar: [Float], p: [Float], gram: [Double], r: Int, dOut: Int) {
+    /// `grams` holds B̄ᵀB̄, B̄ᵀP and PᵀP, r×r each, row-major.
+    init(bbar: [Float], p: [Float], gram: [Double], r: Int, dOut: Int, grams: [Float]) {
         self.bbar = bbar
         self.p = p
         self.gram = gram
         self.r = r
         self.dOut = dOut
         var zz = [Double](repeating: 0, count: 4 * r * r)
-        var block = [Float](repeating: 0, count: r * r)
-        for (row, left) in [bbar, p].enumerated() {
-            for (column, right) in [bbar, p].enumerated() where column >= row {
-                Kernels.gemm(left, right, &block, m: r, n: r, k: dOut, transposeA: true)
-                for i in 0..<r {
-                    for j in 0..<r {
-                        zz[(row * r + i) * 2 * r + column * r + j] = Double(block[i * r + j])
-                        zz[(column * r + j) * 2 * r + row * r + i] = Double(block[i * r + j])
-                    }
+        for (index, (row, column)) in [(0, 0), (0, 1), (1, 1)].enumerated() {
+            for i in 0..<r {
+                for j in 0..<r {
+                    let value = Double(grams[index * r * r + i * r + j])
+                    zz[(row * r + i) * 2 * r + column * r + j] = value
+                    zz[(column * r + j) * 2 * r + row * r + i] = value
                 }
             }
         }
+        // The diagonal blocks are Grams: symmetrise away the rounding of the GEMMs.
+        for i in 0..<(2 * r) { for j in 0..<i { let v = 0.5 * (zz[i * 2 * r + j] + zz[j * 2 * r + i]); zz[i * 2 * r + j] = v; zz[j * 2 * r + i] = v } }
         self.zz = zz
     }
 
@@ -318,12 +415,25 @@ struct Basis {
         return min(1, max(-1, productDot(c: c) / (productNorm * idealNorm)))
     }
 
-    /// Z d = B̄ d_top + P d_bottom, d_out×r.
-    func combine(_ d: [Double]) -> [Float] {
+    /// Z c = B̄ c_top + P c_bottom, d_out×r, row blocks at a time (each
+    /// product stays below OpenBLAS's threading threshold).
+    func combine(_ c: [Double]) -> [Float] {
         var out = [Float](repeating: 0, count: dOut * r)
-        let top = d.prefix(r * r).map { Float($0) }, bottom = d.suffix(r * r).map { Float($0) }
-        Kernels.gemm(bbar, top, &out, m: dOut, n: r, k: r)
-        Kernels.gemm(p, bottom, &out, m: dOut, n: r, k: r, beta: 1)
+        let top = c.prefix(r * r).map { Float($0) }, bottom = c.suffix(r * r).map { Float($0) }
+        out.withUnsafeMutableBufferPointer { o in
+            var row = 0
+            while row < dOut {
+                let height = min(LoRAFAIR.block, dOut - row), offset = row * r
+                for (index, (factor, coefficients)) in [(bbar, top), (p, bottom)].enumerated() {
+                    factor.withUnsafeBufferPointer { f in
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(height), Int32(r), Int32(r), 1,
+                                    f.baseAddress! + offset, Int32(r), coefficients, Int32(r), index == 0 ? 0 : 1,
+                                    o.baseAddress! + offset, Int32(r))
+                    }
+                }
+                row += height
+            }
+        }
         return out
     }
 

@@ -120,6 +120,25 @@ struct LoRAFAIRTests {
         #expect(gradient.norm < 1e-4 * leastSquares.target.norm)
     }
 
+    @Test("a rank-deficient Ā at λ = 0 gives a finite least-squares fit (pseudo-inverse)")
+    func rankDeficientA() throws {
+        // Every client's second row of A is twice its first, so Ā has rank 1 < r = 2.
+        var generator = TestSupport.SeededGenerator(seed: 6)
+        let clients = (0..<3).map { k in
+            let first = TestSupport.randomMatrix(1, 5, &generator)
+            let a = Matrix(rows: 2, cols: 5, values: first.values + first.values.map { 2 * $0 })
+            return ClientUpdate(id: "c\(k)", samples: Double(k + 1), scaling: 2, a: a, b: TestSupport.randomMatrix(6, 2, &generator))
+        }
+        let result = try aggregate(clients, dOut: 6, dIn: 5, ["lambda=0"])
+        #expect(result.isFinite)
+        let reference = denseClosedForm(clients, lambda: 1)  // only for Ā and T
+        let gradient = ((Dense(result.b) * reference.a) - reference.target) * reference.a.transposed
+        #expect(gradient.norm < 1e-4 * reference.target.norm)
+        let fedit = try aggregate(clients, dOut: 6, dIn: 5, strategy: "fedit")
+        #expect(try #require(result.diagnostic("cosine_after")) >= (try #require(result.diagnostic("cosine_before"))))
+        #expect(Dense(result.b).maxDifference(Dense(fedit.b)) > 1e-3)
+    }
+
     @Test("solver=cosine raises the cosine and approaches the best cosine reachable with this Ā")
     func cosineSolver() throws {
         let clients = nonIIDClients(seed: 9)
