@@ -104,10 +104,9 @@ struct FedExLoRA: Strategy {
 
         let r = round.clients[0].rank, dOut = round.dOut, dIn = round.dIn
         let q = others.count * r
-        var a = [Float](repeating: 0, count: r * dIn)
-        var b = [Float](repeating: 0, count: dOut * r)
-        var u = [Float](repeating: 0, count: dOut * q)
-        var v = [Float](repeating: 0, count: q * dIn)
+        // Every entry is written below; skipping the zero fill saves a pass over the output.
+        var a = Self.uninitialized(r * dIn), b = Self.uninitialized(dOut * r)
+        var u = Self.uninitialized(dOut * q), v = Self.uninitialized(q * dIn)
 
         // Pass over the A factors: Ā and the rows of V, chunk by chunk so each
         // client's chunk is read from memory once.
@@ -215,6 +214,11 @@ struct FedExLoRA: Strategy {
         }
         return AggregationResult(a: average.a, b: average.b, scaling: s,
                                  residual: residual.rank > 0 ? residual : nil, diagnostics: diagnostics)
+    }
+
+    /// A Float array of `count` entries that the caller overwrites entirely.
+    static func uninitialized(_ count: Int) -> [Float] {
+        [Float](unsafeUninitializedCapacity: count) { _, initialized in initialized = count }
     }
 
     /// Elements per chunk of the fused passes: the clients' chunks stay in L1/L2.

@@ -216,15 +216,26 @@ struct LoRAFAIR: Strategy {
         let q = others.count * r
         var residualSquared = 0.0
         if q > 0 {
-            var u = [Float](repeating: 0, count: dOut * q), v = [Float](repeating: 0, count: q * dIn)
             let pivotA = round.clients[pivot].a.base, pivotC = Float(rescale[pivot])
-            for (slot, k) in others.enumerated() {
-                let a = round.clients[k].a.base, b = round.clients[k].b.base
-                let c = Float(rescale[k]), w = Float(weights[k])
-                let rowBase = slot * r * dIn
-                for i in 0..<(r * dIn) { v[rowBase + i] = c * a[i] - pivotC * pivotA[i] }
-                for i in 0..<dOut {
-                    for t in 0..<r { u[i * q + slot * r + t] = w * (c * b[i * r + t] - bbar[i * r + t]) }
+            // Every entry is written, so the arrays skip their zero fill.
+            let v = [Float](unsafeUninitializedCapacity: q * dIn) { out, initialized in
+                for (slot, k) in others.enumerated() {
+                    let a = round.clients[k].a.base, c = Float(rescale[k])
+                    let row = out.baseAddress! + slot * r * dIn
+                    for i in 0..<(r * dIn) { row[i] = c * a[i] - pivotC * pivotA[i] }
+                }
+                initialized = q * dIn
+            }
+            let u = bbar.withUnsafeBufferPointer { mean in
+                [Float](unsafeUninitializedCapacity: dOut * q) { out, initialized in
+                    for (slot, k) in others.enumerated() {
+                        let b = round.clients[k].b.base, c = Float(rescale[k]), w = Float(weights[k])
+                        for i in 0..<dOut {
+                            let target = out.baseAddress! + i * q + slot * r, source = b + i * r, m = mean.baseAddress! + i * r
+                            for t in 0..<r { target[t] = w * (c * source[t] - m[t]) }
+                        }
+                    }
+                    initialized = dOut * q
                 }
             }
             let gramU = columnGram(u, rows: dOut, cols: q), gramV = rowGram(v, rows: q, cols: dIn)
