@@ -174,6 +174,10 @@ struct FedExLoRA: Strategy {
         // the q×q Gram matrices, the only diagnostic that costs more than a pass.
         var svd: LowRank.Factorization?
         if mode == .compressed {
+            if let culprit = round.firstNonFiniteClient() {
+                // LAPACK would fail on them with a less helpful message.
+                throw AggregationError.invalidInput("module '\(round.module)', client '\(culprit.client)': \(culprit.factor) contains NaN or infinite values")
+            }
             svd = try u.withUnsafeBufferPointer { up in
                 try v.withUnsafeBufferPointer { vp in
                     let term = LowRank.Term(weight: 1, b: MatrixView(rows: dOut, cols: q, base: up.baseAddress!),

@@ -131,6 +131,7 @@ struct LoRAFAIR: Strategy {
             let w = weights[k] * rescale[k]
             for i in 0..<(r * r) { gram[i] += w * Double(m[slot * r * r + i]) }
         }
+        if !gram.allSatisfy({ $0.isFinite }) { try Self.refuseNonFinite(round) }
         for i in 0..<r { for j in 0..<i { gram[i * r + j] = 0.5 * (gram[i * r + j] + gram[j * r + i]); gram[j * r + i] = gram[i * r + j] } }
         // N_k = p_k c_k (c_k M_k − G).
         var n = [Float](repeating: 0, count: active.count * r * r)
@@ -245,6 +246,15 @@ struct LoRAFAIR: Strategy {
         let averageSquared = basis.productSquared(c: basis.withIdentity(zero))
         let cross = basis.innerBbarP
         return max(0, averageSquared + 2 * cross + residualSquared).squareRoot()
+    }
+
+    /// Throws for a round whose factors hold NaN or infinities (invalid
+    /// input, naming the client), or else for an overflow of our own.
+    static func refuseNonFinite(_ round: ModuleRound) throws -> Never {
+        if let culprit = round.firstNonFiniteClient() {
+            throw AggregationError.invalidInput("module '\(round.module)', client '\(culprit.client)': \(culprit.factor) contains NaN or infinite values")
+        }
+        throw AggregationError.internalError("module '\(round.module)': the Gram matrix of A overflowed; the factors are too large for Float32 products")
     }
 
     /// Rows or columns per block of the fused passes: a client's block

@@ -7,5 +7,7 @@ enum ExpectedPlugins {
         "fedit",
         "template-swift",
         "template-c",
+        "fedex-lora",
+        "lora-fair",
     ]
 }

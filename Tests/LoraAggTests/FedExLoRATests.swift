@@ -1,6 +1,7 @@
 import Testing
 import LoraAggCore
 import LoraAggHost
+import LoraAggConformance
 
 /// Float32 factors, Double references: agreement to about 1e-5 relative is round-off.
 private let tolerance = 1e-5
@@ -175,5 +176,28 @@ struct FedExLoRATests {
         #expect(throws: AggregationError.self) { try plugin.makeAggregator(assignments: ["residual_rank=4"]) }
         #expect(throws: AggregationError.self) { try plugin.makeAggregator(assignments: ["residual=compressed", "residual_energy=0"]) }
         #expect(plugin.info.capabilities == [.exact, .baseResidual])
+    }
+}
+
+@Suite("seed plugins' non-default modes under the conformance suite")
+struct SeedModesConformanceTests {
+    @Test("fedex-lora's dense and compressed modes and lora-fair's cosine solver and λ = 0 pass every check",
+          arguments: [("fedex-lora", ["residual=dense"]), ("fedex-lora", ["residual=compressed"]),
+                      ("fedex-lora", ["residual=compressed", "residual_rank=2"]),
+                      ("lora-fair", ["solver=cosine"]), ("lora-fair", ["lambda=0"]),
+                      ("lora-fair", ["diagnostics=false"]), ("fedex-lora", ["diagnostics=false"])])
+    func modePasses(name: String, assignments: [String]) throws {
+        let plugin = try TestSupport.registry.plugin(named: name)
+        let subject = ConformanceSubject(
+            info: plugin.info, path: plugin.path,
+            makeAggregator: { try plugin.makeAggregator(assignments: assignments) },
+            aggregateUnvalidated: { round in try plugin.makeAggregator(assignments: assignments).aggregateWithoutHostValidation(round) })
+        let report = ConformanceSuite.run(on: subject)
+        // A truncated residual is not exact; the suite reports its error for information.
+        let allowedToFail: Set<String> = assignments.contains("residual_rank=2") ? ["exact-update"] : []
+        for result in report.results where !allowedToFail.contains(result.id) {
+            #expect(result.outcome == .pass || result.outcome == .skip,
+                    "\(name) \(assignments): \(result.id) \(result.outcome.label) \(result.measuredText) \(result.detail)")
+        }
     }
 }
