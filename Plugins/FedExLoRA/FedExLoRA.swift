@@ -26,7 +26,9 @@ import LoraAggPluginKit
 /// [p_1 s_1 B_1 … p_K s_K B_K, −s B̄]·[A_1; …; A_K; Ā] of rank (K+1)r, and
 /// it has no cancellation between the large terms Σ p_k s_k B_k A_k and s B̄Ā,
 /// so its Float32 round-off is relative to the residual, not to the update.
-/// The pivot m is the client of largest weight.
+/// The pivot m is the client of largest weight. Clients without samples, and
+/// clients whose rescaled A equals the pivot's bit for bit (a shared frozen A,
+/// FFA-LoRA's setting), contribute no block, so such rounds get no residual.
 ///
 /// Modes (`residual=`): `factored` (default) returns U, V as above;
 /// `dense` multiplies them out and returns U = I, V = ΔW_res (or U = ΔW_res,
@@ -100,13 +102,13 @@ struct FedExLoRA: Strategy {
         let active = round.clients.indices.filter { weights[$0] > 0 }
         let rescale = round.clients.indices.map { round.factorRescale($0) }
         let pivot = active.max { weights[$0] < weights[$1] || (weights[$0] == weights[$1] && $0 > $1) }!
-        let others = active.filter { $0 != pivot }
+        var others = active.filter { $0 != pivot }
 
         let r = round.clients[0].rank, dOut = round.dOut, dIn = round.dIn
-        let q = others.count * r
         // Every entry is written below; skipping the zero fill saves a pass over the output.
         var a = Self.uninitialized(r * dIn), b = Self.uninitialized(dOut * r)
-        var u = Self.uninitialized(dOut * q), v = Self.uninitialized(q * dIn)
+        var v = Self.uninitialized(others.count * r * dIn)
+        var nonzero = [Bool](repeating: false, count: others.count)
 
         // Pass over the A factors: Ā and the rows of V, chunk by chunk so each
         // client's chunk is read from memory once.
@@ -126,11 +128,28 @@ struct FedExLoRA: Strategy {
                         let x = round.clients[k].a.base + start, c = Float(rescale[k])
                         let out = vOut.baseAddress! + slot * count + start
                         for i in 0..<length { out[i] = c * x[i] - pivotC * x0[i] }
+                        if !nonzero[slot] { nonzero[slot] = (0..<length).contains { out[$0] != 0 } }
                     }
                     start += length
                 }
             }
         }
+        // A client whose rescaled A equals the pivot's (a shared, frozen A with
+        // one scaling) adds nothing: drop its block instead of returning zeros.
+        if nonzero.contains(false) {
+            let blockSize = r * dIn
+            var kept = 0
+            for slot in others.indices where nonzero[slot] {
+                if kept != slot {
+                    for i in 0..<blockSize { v[kept * blockSize + i] = v[slot * blockSize + i] }
+                }
+                kept += 1
+            }
+            v.removeLast((others.count - kept) * blockSize)
+            others = others.indices.filter { nonzero[$0] }.map { others[$0] }
+        }
+        let q = others.count * r
+        var u = Self.uninitialized(dOut * q)
 
         // Pass over the B factors: B̄ and U, rows at a time for the same reason.
         let bSources = active.map { round.clients[$0].b.base }

@@ -153,6 +153,14 @@ struct FedExLoRATests {
         let single = try aggregate(lone, dOut: 4, dIn: 3)
         #expect(single.residual == nil)
         #expect(single.diagnostic("residual_rank") == 0)
+        // A shared A with one scaling (FFA-LoRA's setting): averaging B is already exact.
+        let sharedA = TestSupport.randomMatrix(2, 3, &generator)
+        let ffa = (0..<3).map { k in
+            ClientUpdate(id: "f\(k)", samples: Double(k + 1), scaling: 2, a: sharedA, b: TestSupport.randomMatrix(4, 2, &generator))
+        }
+        let shared = try aggregate(ffa, dOut: 4, dIn: 3)
+        #expect(shared.residual == nil)
+        #expect(Reference.relativeError(Reference.effectiveUpdate(shared, dOut: 4, dIn: 3), ideal(ffa, dOut: 4, dIn: 3)) < tolerance)
         var clients = mixedClients()
         clients[1].samples = 0
         let result = try aggregate(clients, dOut: 7, dIn: 5)
