@@ -260,13 +260,24 @@ struct FedExLoRA: Strategy {
         let gramB = gram(bbar, rows: dOut, cols: r, ofColumns: true)
         let gramA = gram(abar, rows: r, cols: dIn, ofColumns: false)
         let averageSquared = zip(gramB, gramA).reduce(0) { $0 + $1.0 * $1.1 }
-        // ⟨B̄Ā, UV⟩ = Σ (B̄ᵀU) ∘ (ĀVᵀ).
+        // ⟨B̄Ā, UV⟩ = Σ (B̄ᵀU) ∘ (ĀVᵀ), accumulated over blocks of 64 along d
+        // so each GEMM stays below OpenBLAS's threading threshold: its threads
+        // would otherwise spin against the caller's per-module threads.
         var bu = [Float](repeating: 0, count: r * q), av = [Float](repeating: 0, count: r * q)
+        let depth = 64
         bbar.withUnsafeBufferPointer { bp in u.withUnsafeBufferPointer { up in bu.withUnsafeMutableBufferPointer { out in
-            Kernels.gemm(bp.baseAddress!, up.baseAddress!, out.baseAddress!, m: r, n: q, k: dOut, transposeA: true)
+            for start in stride(from: 0, to: dOut, by: depth) {
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(r), Int32(q), Int32(min(depth, dOut - start)), 1,
+                            bp.baseAddress! + start * r, Int32(r), up.baseAddress! + start * q, Int32(q),
+                            start == 0 ? 0 : 1, out.baseAddress!, Int32(q))
+            }
         } } }
         abar.withUnsafeBufferPointer { ap in v.withUnsafeBufferPointer { vp in av.withUnsafeMutableBufferPointer { out in
-            Kernels.gemm(ap.baseAddress!, vp.baseAddress!, out.baseAddress!, m: r, n: q, k: dIn, transposeB: true)
+            for start in stride(from: 0, to: dIn, by: depth) {
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(r), Int32(q), Int32(min(depth, dIn - start)), 1,
+                            ap.baseAddress! + start, Int32(dIn), vp.baseAddress! + start, Int32(dIn),
+                            start == 0 ? 0 : 1, out.baseAddress!, Int32(q))
+            }
         } } }
         let cross = zip(bu, av).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
         let idealSquared = s * s * averageSquared + 2 * s * cross + residualSquared
