@@ -182,7 +182,7 @@ struct FedExLoRA: Strategy {
         let average = (a: Matrix(rows: r, cols: dIn, values: a), b: Matrix(rows: dOut, cols: r, values: b))
         var diagnostics: [Diagnostic] = []
         guard q > 0 else {
-            // One contributing client: averaging loses nothing.
+            // One contributing client, or a shared A: averaging loses nothing.
             diagnostics.append(Diagnostic("residual_rank", 0))
             if reportNorms { diagnostics.append(Diagnostic("residual_norm_relative", 0)) }
             if mode == .compressed { diagnostics += [Diagnostic("residual_dropped_energy", 0), Diagnostic("residual_error_relative", 0)] }
