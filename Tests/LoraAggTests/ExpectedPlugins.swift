@@ -7,6 +7,9 @@ enum ExpectedPlugins {
         "fedit",
         "template-swift",
         "template-c",
+        "zero-pad",
+        "replication-pad",
+        "ffa-lora",
         "fedex-lora",
         "lora-fair",
     ]
