@@ -9,6 +9,8 @@ let strategyPlugins = [
     "ZeroPad",
     "ReplicationPad",
     "FFALoRA",
+    "FedExLoRA",
+    "LoRAFAIR",
 ]
 
 /// Plugins built from `Templates/` so that `swift test` proves the templates

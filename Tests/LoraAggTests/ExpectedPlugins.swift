@@ -10,5 +10,7 @@ enum ExpectedPlugins {
         "zero-pad",
         "replication-pad",
         "ffa-lora",
+        "fedex-lora",
+        "lora-fair",
     ]
 }
