@@ -352,3 +352,15 @@ extension Kernels {
         return scalarNaN ? .nan : result
     }
 }
+
+extension Kernels {
+    /// Makes OpenBLAS run each call on the calling thread.
+    ///
+    /// The host already spreads modules over every core; an OpenBLAS call that
+    /// starts its own threads inside each of those workers oversubscribes the
+    /// machine and spins (measured: about 6× slower on 4096×16×16 products).
+    /// Call once at start-up of any program that aggregates modules in parallel.
+    public static func useSingleThreadedBLAS() {
+        openblas_set_num_threads(1)
+    }
+}

@@ -25,12 +25,14 @@ struct Benchmark: ParsableCommand {
     @Option(help: "Comma-separated ranks cycled over the clients of the heterogeneous round.") var mixedRanks = "4,8,16,32,64"
     @Option(help: "Timed repetitions per strategy; the best is reported.") var repeats = 3
     @Option(parsing: .upToNextOption, help: "Strategies to run (default: every loaded strategy except templates).") var strategies: [String] = []
+    @Option(name: .customLong("variant"), help: ArgumentHelp("An extra row: a strategy with parameters, e.g. 'lora-fair:diagnostics=false' (repeatable; 'none' for no extra rows).", valueName: "name:key=value,..."))
+    var variants: [String] = ["fedex-lora:diagnostics=false", "lora-fair:diagnostics=false"]
     @Flag(help: "Skip the heterogeneous-rank round.") var homogeneousOnly = false
     @Option(help: ArgumentHelp("Python interpreter with numpy for the reference timings ('' to skip).", valueName: "python")) var numpy = "python3"
     @Option(help: "A plugin file or folder to search first.") var pluginPath: [String] = []
 
     func run() throws {
-        MemoryTuning.keepLargeAllocations()
+        ProcessTuning.configureForParallelModules()
         let registry = try PluginRegistry.discover(explicit: pluginPath)
         let names = strategies.isEmpty ? registry.names.filter { !$0.hasPrefix("template-") } : strategies
         let threads = ProcessInfo.processInfo.activeProcessorCount
@@ -46,9 +48,8 @@ struct Benchmark: ParsableCommand {
             print("\n== \(title): \(String(format: "%.2f", gigabytes)) GB of client factors")
             let memcpy = data.timeMemcpy(repeats: repeats)
             print(table([["memcpy", String(format: "%.3f", memcpy), String(format: "%.2f", gigabytes / memcpy), "1.00", "-", "-"]]
-                        + names.map { name in
-                            measure(name, registry: registry, data: data, memcpy: memcpy)
-                        }))
+                        + (names + variants.filter { $0 != "none" && registry.plugins[String($0.split(separator: ":")[0])] != nil })
+                        .map { name in measure(name, registry: registry, data: data, memcpy: memcpy) }))
             if !numpy.isEmpty { printNumpyReference(ranks: ranks) }
         }
         print("\nrate = input bytes / wall time; × memcpy = rate / memcpy rate (≥ 0.5 is the goal for averaging);")
@@ -57,8 +58,10 @@ struct Benchmark: ParsableCommand {
 
     private func measure(_ name: String, registry: PluginRegistry, data: BenchData, memcpy: Double) -> [String] {
         do {
-            let plugin = try registry.plugin(named: name)
-            let aggregator = try plugin.makeAggregator()
+            // "name" or "name:key=value,key=value"
+            let parts = name.split(separator: ":", maxSplits: 1).map(String.init)
+            let plugin = try registry.plugin(named: parts[0])
+            let aggregator = try plugin.makeAggregator(assignments: parts.count > 1 ? parts[1].split(separator: ",").map(String.init) : [])
             let sharedA = plugin.info.capabilities.contains(.requiresSharedA)
             if sharedA { data.prepareSharedA() }
             // Resident memory before the run holds the round (and any shared-A copies);

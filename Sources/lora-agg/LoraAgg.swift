@@ -6,7 +6,7 @@ import LoraAggHost
 @main
 struct LoraAgg: ParsableCommand {
     static func main() {
-        MemoryTuning.keepLargeAllocations()
+        ProcessTuning.configureForParallelModules()
         do {
             var command = try parseAsRoot()
             try command.run()

@@ -1,7 +1,14 @@
 import Foundation
+import LoraAggCore
 
-/// Process-wide allocator settings for aggregation workloads.
-public enum MemoryTuning {
+/// Process-wide settings for aggregation workloads.
+public enum ProcessTuning {
+    /// Everything a program that aggregates modules in parallel should call once at start-up.
+    public static func configureForParallelModules() {
+        keepLargeAllocations()
+        Kernels.useSingleThreadedBLAS()
+    }
+
     /// Keeps freed result buffers in the heap instead of returning them to the kernel.
     ///
     /// Every module's result (a few MB at rank 64 on 4096-wide modules) is
