@@ -6,6 +6,11 @@ import PackageDescription
 /// the package links it, because the host finds plugins at run time.
 let strategyPlugins = [
     "FedIT",
+    "ZeroPad",
+    "ReplicationPad",
+    "FFALoRA",
+    "FedExLoRA",
+    "LoRAFAIR",
     "FlexLoRA",
     "FLoRA",
     "FedSALoRA",

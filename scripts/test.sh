@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 swift build
 swift test
+# PEFT interop: real adapters made with PEFT, aggregated by the built binary, loaded back with PEFT.
+LORA_AGG_BIN="$(swift build --show-bin-path)/lora-agg" "$(scripts/python-env.sh)" -m pytest -q -p no:cacheprovider Tests/interop

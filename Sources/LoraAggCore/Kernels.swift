@@ -49,6 +49,24 @@ public enum Kernels {
         }
     }
 
+    /// Whether every value is finite, sixteen lanes at a time: x·0 is 0 for a
+    /// finite x and NaN for ±inf or NaN, and NaN survives the sum.
+    public static func allFinite(_ values: UnsafeBufferPointer<Float>) -> Bool {
+        guard let base = values.baseAddress else { return true }
+        typealias Lanes = SIMD16<Float>
+        let raw = UnsafeRawPointer(base)
+        var probe = Lanes(repeating: 0)
+        let blocks = values.count / Lanes.scalarCount
+        var block = 0
+        while block < blocks {
+            probe += raw.loadUnaligned(fromByteOffset: block &* MemoryLayout<Lanes>.stride, as: Lanes.self) * 0
+            block &+= 1
+        }
+        var tail: Float = 0
+        for i in (blocks &* Lanes.scalarCount)..<values.count { tail += values[i] * 0 }
+        return probe.sum() == 0 && tail == 0
+    }
+
     /// An uninitialised Float array filled by `body` (skips zeroing memory that is overwritten anyway).
     public static func makeArray(count: Int, _ body: (UnsafeMutablePointer<Float>) -> Void) -> [Float] {
         [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
@@ -123,5 +141,226 @@ public enum Kernels {
         cblas_dgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
                     Int32(m), Int32(n), Int32(k), alpha, a, Int32(transposeA ? m : k),
                     b, Int32(transposeB ? k : n), beta, c, Int32(n))
+    }
+}
+
+// MARK: - Per-slot weights and factored norms (added for zero-pad, replication-pad, ffa-lora)
+
+extension Kernels {
+    /// Weighted sum of A factors of different ranks with one weight per client
+    /// and rank slot: row i of the rows×cols result is
+    /// Σ_{k: rank_k > i} slotWeights[k][i] · A_k[i, :].
+    ///
+    /// `slotWeights[k]` needs at least min(rank_k, rows) entries. Consecutive
+    /// rows whose owners and weights agree are summed as one band, so a round
+    /// of equal ranks and per-client weights is a single ``weightedSum`` call
+    /// and every input byte is read once.
+    public static func slotWeightedRowSum(_ sources: [MatrixView], slotWeights: [[Double]], rows: Int) -> Matrix {
+        precondition(sources.count == slotWeights.count, "one weight list per source")
+        let cols = sources.first?.cols ?? 0
+        precondition(sources.allSatisfy { $0.cols == cols }, "slotWeightedRowSum needs sources of one width")
+        // Every row below the largest rank has an owner and is written by
+        // weightedSum, so the result needs no zero fill first.
+        let owned = Swift.min(rows, sources.map(\.rows).max() ?? 0)
+        let values = makeArray(count: rows &* cols) { base in
+            (base + owned &* cols).update(repeating: 0, count: (rows &- owned) &* cols)
+            guard cols > 0 else { return }
+            /// The (owner, weight) pairs of row i, as Float weights the kernel uses.
+            func band(_ i: Int) -> [(Int, Float)] {
+                sources.indices.compactMap { k in sources[k].rows > i ? (k, Float(slotWeights[k][i])) : nil }
+            }
+            var lower = 0
+            while lower < owned {
+                let owners = band(lower)
+                var upper = lower + 1
+                while upper < owned, band(upper).elementsEqual(owners, by: { $0 == $1 }) { upper += 1 }
+                weightedSum(owners.map { sources[$0.0].base + lower &* cols }, weights: owners.map(\.1),
+                            count: (upper - lower) &* cols, into: base + lower &* cols)
+                lower = upper
+            }
+        }
+        return Matrix(rows: rows, cols: cols, values: values)
+    }
+
+    /// Weighted sum of B factors of different ranks with one weight per client
+    /// and rank slot: column j of the rows×cols result is
+    /// Σ_{k: cols_k > j} slotWeights[k][j] · B_k[:, j].
+    ///
+    /// Row-major B puts a client's slots side by side in every row, so each
+    /// output row is summed eight slots at a time in a register over the
+    /// clients owning them and stored once: every input byte is read once and
+    /// every output byte written once, with no accumulator traffic at all
+    /// (a client-by-client pass re-reads a d_out×R accumulator K times, which
+    /// no longer fits in L2 at R = 64 with two threads). Equal widths with
+    /// weights constant across slots reduce to one ``weightedSum`` call.
+    /// The sum runs in client order, so it is bit-identical to ``paddedColumnSum``.
+    public static func slotWeightedColumnSum(_ sources: [MatrixView], slotWeights: [[Double]], cols: Int) -> Matrix {
+        precondition(sources.count == slotWeights.count, "one weight list per source")
+        let rows = sources.first?.rows ?? 0
+        precondition(sources.allSatisfy { $0.rows == rows }, "slotWeightedColumnSum needs sources of one height")
+        let widths = sources.map { Swift.min($0.cols, cols) }
+        let uniform = sources.allSatisfy { $0.cols == cols }
+            && slotWeights.allSatisfy { w in w.prefix(cols).allSatisfy { $0 == w.first } }
+        if uniform {
+            return weightedSum(sources, weights: slotWeights.map { $0.first ?? 0 })
+        }
+        typealias Lanes = SIMD8<Float>
+        let lanesPerBlock = Lanes.scalarCount
+        let blocks = (cols + lanesPerBlock - 1) / lanesPerBlock
+        // One term per (block of 8 slots, client owning any of them), grouped by block.
+        var terms: [SlotTerm] = []
+        var blockStarts = [0]
+        for block in 0..<blocks {
+            let first = block * lanesPerBlock
+            for k in sources.indices where widths[k] > first {
+                let lanes = Swift.min(lanesPerBlock, widths[k] - first)
+                var weight = Lanes(repeating: 0)
+                for lane in 0..<lanes { weight[lane] = Float(slotWeights[k][first + lane]) }
+                terms.append(SlotTerm(base: sources[k].base + first, stride: sources[k].cols, lanes: lanes, weight: weight))
+            }
+            blockStarts.append(terms.count)
+        }
+        let values = makeArray(count: rows &* cols) { out in
+            terms.withUnsafeBufferPointer { terms in
+                blockStarts.withUnsafeBufferPointer { starts in
+                    for i in 0..<rows {
+                        for block in 0..<blocks {
+                            var sum = Lanes(repeating: 0)
+                            var t = starts[block]
+                            let end = starts[block &+ 1]
+                            while t < end {
+                                let term = terms[t]
+                                let x = term.base + i &* term.stride
+                                switch term.lanes {
+                                case 8:
+                                    sum += term.weight * UnsafeRawPointer(x).loadUnaligned(as: Lanes.self)
+                                case 4:
+                                    let half = UnsafeRawPointer(x).loadUnaligned(as: SIMD4<Float>.self)
+                                    sum += term.weight * Lanes(lowHalf: half, highHalf: .zero)
+                                default:
+                                    var partial = Lanes(repeating: 0)
+                                    for lane in 0..<term.lanes { partial[lane] = x[lane] }
+                                    sum += term.weight * partial
+                                }
+                                t &+= 1
+                            }
+                            let o = out + (i &* cols &+ block &* lanesPerBlock)
+                            let stored = Swift.min(lanesPerBlock, cols &- block &* lanesPerBlock)
+                            if stored == lanesPerBlock {
+                                UnsafeMutableRawPointer(o).storeBytes(of: sum, as: Lanes.self)
+                            } else {
+                                for lane in 0..<stored { o[lane] = sum[lane] }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return Matrix(rows: rows, cols: cols, values: values)
+    }
+
+    /// One client's share of a block of eight rank slots in ``slotWeightedColumnSum``.
+    private struct SlotTerm {
+        /// The client's first slot of the block, in row 0.
+        let base: UnsafePointer<Float>
+        /// The client's rank (its row length).
+        let stride: Int
+        /// How many of the eight slots the client owns (1...8).
+        let lanes: Int
+        /// Its weights for those slots, zero beyond `lanes`.
+        let weight: SIMD8<Float>
+    }
+
+    /// ‖B·A‖_F for B (m×r) and A (r×n) without forming the m×n product:
+    /// ‖BA‖²_F = tr((BᵀB)(AAᵀ)) = Σ_ij (BᵀB)_ij (AAᵀ)_ij, two r×r Grams by ssyrk
+    /// (half the flops of sgemm; only the upper triangles are filled).
+    ///
+    /// The Grams are Float (OpenBLAS accumulates in Float) and the trace is
+    /// summed in Double. The absolute error is about 1e-7·√max(m, n)·‖B‖²‖A‖²,
+    /// so the relative error is small unless B·A nearly cancels; good enough
+    /// for aggregation weights, not for an exactness check.
+    public static func productFrobeniusNorm(b: MatrixView, a: MatrixView) -> Double {
+        precondition(b.cols == a.rows, "productFrobeniusNorm needs B.cols == A.rows")
+        let r = a.rows
+        guard r > 0, b.rows > 0, a.cols > 0 else { return 0 }
+        var gramB = [Float](repeating: 0, count: r * r), gramA = [Float](repeating: 0, count: r * r)
+        gramB.withUnsafeMutableBufferPointer { g in
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(r), Int32(b.rows), 1, b.base, Int32(r), 0, g.baseAddress, Int32(r))
+        }
+        gramA.withUnsafeMutableBufferPointer { g in
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, Int32(r), Int32(a.cols), 1, a.base, Int32(a.cols), 0, g.baseAddress, Int32(r))
+        }
+        var squared = 0.0
+        for i in 0..<r {
+            squared += Double(gramB[i &* r &+ i]) * Double(gramA[i &* r &+ i])
+            for j in (i &+ 1)..<r { squared += 2 * Double(gramB[i &* r &+ j]) * Double(gramA[i &* r &+ j]) }
+        }
+        return Swift.max(0, squared).squareRoot()
+    }
+
+    /// Whether every entry of `x` is within `tolerance` of the same entry of
+    /// `y` (both `count` long). NaN anywhere fails, so a non-finite input is
+    /// never mistaken for agreement.
+    public static func allWithin(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, count: Int, tolerance: Float) -> Bool {
+        typealias Lanes = SIMD16<Float>
+        let width = Lanes.scalarCount
+        let upper = Lanes(repeating: tolerance), lower = Lanes(repeating: -tolerance)
+        let xs = UnsafeRawPointer(x), ys = UnsafeRawPointer(y)
+        // Both comparisons are false for NaN, so `inside` is false there.
+        var outside = SIMDMask<SIMD16<Int32>>(repeating: false)
+        var i = 0
+        while i &+ width <= count {
+            let offset = i &* MemoryLayout<Float>.stride
+            let difference = xs.loadUnaligned(fromByteOffset: offset, as: Lanes.self)
+                - ys.loadUnaligned(fromByteOffset: offset, as: Lanes.self)
+            outside = outside .| .!((difference .<= upper) .& (difference .>= lower))
+            i &+= width
+            // Checked every 4096 entries so a difference stops the scan early.
+            if i & 4095 == 0, any(outside) { return false }
+        }
+        if any(outside) { return false }
+        while i < count {
+            if !(abs(x[i] - y[i]) <= tolerance) { return false }
+            i &+= 1
+        }
+        return true
+    }
+
+    /// The largest |x[i]| (NaN when an entry is NaN).
+    public static func maxMagnitude(_ x: UnsafePointer<Float>, count: Int) -> Float {
+        typealias Lanes = SIMD16<Float>
+        let width = Lanes.scalarCount
+        let xs = UnsafeRawPointer(x)
+        var largest = Lanes(repeating: 0)
+        var sawNaN = SIMDMask<SIMD16<Int32>>(repeating: false)
+        var i = 0
+        while i &+ width <= count {
+            let v = xs.loadUnaligned(fromByteOffset: i &* MemoryLayout<Float>.stride, as: Lanes.self)
+            let magnitude = v.replacing(with: -v, where: v .< 0)
+            largest.replace(with: magnitude, where: magnitude .> largest)
+            sawNaN = sawNaN .| (v .!= v)
+            i &+= width
+        }
+        var result = largest.max()
+        var scalarNaN = any(sawNaN)
+        while i < count {
+            let v = abs(x[i])
+            result = v > result ? v : result
+            scalarNaN = scalarNaN || v.isNaN
+            i &+= 1
+        }
+        return scalarNaN ? .nan : result
+    }
+}
+
+extension Kernels {
+    /// Makes OpenBLAS run each call on the calling thread.
+    ///
+    /// The host already spreads modules over every core; an OpenBLAS call that
+    /// starts its own threads inside each of those workers oversubscribes the
+    /// machine and spins (measured: about 6× slower on 4096×16×16 products).
+    /// Call once at start-up of any program that aggregates modules in parallel.
+    public static func useSingleThreadedBLAS() {
+        openblas_set_num_threads(1)
     }
 }

@@ -46,7 +46,7 @@ public struct Matrix: Sendable, Equatable {
     }
 
     /// Whether every entry is finite.
-    public var isFinite: Bool { values.allSatisfy { $0.isFinite } }
+    public var isFinite: Bool { values.withUnsafeBufferPointer(Kernels.allFinite) }
 }
 
 /// A read-only, borrowed, row-major Float32 matrix.
@@ -83,7 +83,7 @@ public struct MatrixView: @unchecked Sendable {
     public func copy() -> Matrix { Matrix(rows: rows, cols: cols, values: Array(buffer)) }
 
     /// Whether every entry is finite.
-    public var isFinite: Bool { buffer.allSatisfy { $0.isFinite } }
+    public var isFinite: Bool { Kernels.allFinite(buffer) }
 
     /// Storage for views of empty matrices, which need a valid pointer.
     nonisolated(unsafe) public static let emptyBase: UnsafePointer<Float> = {

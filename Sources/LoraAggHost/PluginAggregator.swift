@@ -33,6 +33,18 @@ public final class PluginAggregator: Aggregator, @unchecked Sendable {
         // The C round carries only pointers and ranks: shapes must be right
         // before they cross, or the plugin would read out of bounds.
         try round.validate()
+        return try send(round)
+    }
+
+    /// Sends the round to the plugin without the host's validation, so the
+    /// conformance suite can check that the plugin itself refuses bad input
+    /// (no clients, zero samples, rank 0, NaN). The caller must still make
+    /// every factor's buffer as large as the ranks and shapes it declares.
+    public func aggregateWithoutHostValidation(_ round: ModuleRound) throws -> AggregationResult {
+        try send(round)
+    }
+
+    private func send(_ round: ModuleRound) throws -> AggregationResult {
         let descriptor = plugin.descriptor.pointee
         let ids = round.clients.map { strdup($0.id)! }
         let module = strdup(round.module)!

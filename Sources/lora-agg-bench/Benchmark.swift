@@ -25,11 +25,14 @@ struct Benchmark: ParsableCommand {
     @Option(help: "Comma-separated ranks cycled over the clients of the heterogeneous round.") var mixedRanks = "4,8,16,32,64"
     @Option(help: "Timed repetitions per strategy; the best is reported.") var repeats = 3
     @Option(parsing: .upToNextOption, help: "Strategies to run (default: every loaded strategy except templates).") var strategies: [String] = []
+    @Option(name: .customLong("variant"), help: ArgumentHelp("An extra row: a strategy with parameters, e.g. 'lora-fair:diagnostics=false' (repeatable; 'none' for no extra rows).", valueName: "name:key=value,..."))
+    var variants: [String] = ["fedex-lora:diagnostics=false", "lora-fair:diagnostics=false"]
     @Flag(help: "Skip the heterogeneous-rank round.") var homogeneousOnly = false
     @Option(help: ArgumentHelp("Python interpreter with numpy for the reference timings ('' to skip).", valueName: "python")) var numpy = "python3"
     @Option(help: "A plugin file or folder to search first.") var pluginPath: [String] = []
 
     func run() throws {
+        ProcessTuning.configureForParallelModules()
         let registry = try PluginRegistry.discover(explicit: pluginPath)
         let names = strategies.isEmpty ? registry.names.filter { !$0.hasPrefix("template-") } : strategies
         let threads = ProcessInfo.processInfo.activeProcessorCount
@@ -44,24 +47,30 @@ struct Benchmark: ParsableCommand {
             let gigabytes = Double(data.inputBytes) / 1e9
             print("\n== \(title): \(String(format: "%.2f", gigabytes)) GB of client factors")
             let memcpy = data.timeMemcpy(repeats: repeats)
-            let baseline = Memory.residentBytes()
             print(table([["memcpy", String(format: "%.3f", memcpy), String(format: "%.2f", gigabytes / memcpy), "1.00", "-", "-"]]
-                        + names.map { name in
-                            measure(name, registry: registry, data: data, memcpy: memcpy, baseline: baseline)
-                        }))
+                        + (names + variants.filter { $0 != "none" && registry.plugins[String($0.split(separator: ":")[0])] != nil })
+                        .map { name in measure(name, registry: registry, data: data, memcpy: memcpy) }))
             if !numpy.isEmpty { printNumpyReference(ranks: ranks) }
         }
         print("\nrate = input bytes / wall time; × memcpy = rate / memcpy rate (≥ 0.5 is the goal for averaging);")
         print("peak = highest resident memory during the strategy's run / input bytes (results streamed, as the CLI writes them).")
     }
 
-    private func measure(_ name: String, registry: PluginRegistry, data: BenchData, memcpy: Double, baseline: Int) -> [String] {
+    private func measure(_ name: String, registry: PluginRegistry, data: BenchData, memcpy: Double) -> [String] {
         do {
-            let aggregator = try registry.plugin(named: name).makeAggregator()
+            // "name" or "name:key=value,key=value"
+            let parts = name.split(separator: ":", maxSplits: 1).map(String.init)
+            let plugin = try registry.plugin(named: parts[0])
+            let aggregator = try plugin.makeAggregator(assignments: parts.count > 1 ? parts[1].split(separator: ",").map(String.init) : [])
+            let sharedA = plugin.info.capabilities.contains(.requiresSharedA)
+            if sharedA { data.prepareSharedA() }
+            // Resident memory before the run holds the round (and any shared-A copies);
+            // the peak ratio counts the input once plus whatever the strategy adds.
+            let baseline = Memory.residentBytes()
             var best = Double.infinity
             Memory.resetPeak()
-            for _ in 0..<repeats { best = min(best, try data.run(aggregator)) }
-            let peak = Double(Memory.peakBytes()) / Double(data.inputBytes)
+            for _ in 0..<repeats { best = min(best, try data.run(aggregator, sharedA: sharedA)) }
+            let peak = Double(data.inputBytes + max(0, Memory.peakBytes() - baseline)) / Double(data.inputBytes)
             let rate = Double(data.inputBytes) / 1e9 / best
             return [name, String(format: "%.3f", best), String(format: "%.2f", rate),
                     String(format: "%.2f", memcpy / best), String(format: "%.2f", peak),
@@ -105,6 +114,14 @@ struct Benchmark: ParsableCommand {
 final class BenchData: @unchecked Sendable {
     let modules: Int, dOut: Int, dIn: Int, ranks: [Int]
     private var a: [[UnsafeMutablePointer<Float>]] = [], b: [[UnsafeMutablePointer<Float>]] = []
+    /// Per client, a copy of client 0's A (equal ranks only), for strategies that require a shared A.
+    lazy var sharedCopies: [[UnsafeMutablePointer<Float>]] = a.map { clients in
+        clients.map { _ in
+            let copy = UnsafeMutablePointer<Float>.allocate(capacity: ranks[0] * dIn)
+            copy.initialize(from: clients[0], count: ranks[0] * dIn)
+            return copy
+        }
+    }
     let inputBytes: Int
 
     init(modules: Int, dOut: Int, dIn: Int, ranks: [Int]) {
@@ -128,6 +145,9 @@ final class BenchData: @unchecked Sendable {
         }
     }
 
+    /// Allocates the shared-A copies outside any measurement.
+    func prepareSharedA() { if Set(ranks).count == 1 { _ = sharedCopies } }
+
     /// Best wall time of copying every input byte once.
     func timeMemcpy(repeats: Int) -> Double {
         let target = UnsafeMutableRawPointer.allocate(byteCount: inputBytes, alignment: 64)
@@ -149,13 +169,17 @@ final class BenchData: @unchecked Sendable {
     }
 
     /// Wall time of aggregating every module, spread over the cores; results are dropped as they come.
-    func run(_ aggregator: any Aggregator) throws -> Double {
+    /// With `sharedA`, every client sends client 0's A (FFA-LoRA's frozen A), still read from its own pointer.
+    func run(_ aggregator: any Aggregator, sharedA: Bool = false) throws -> Double {
         let errors = ErrorBox()
+        // Materialised before the parallel loop (a lazy property is not thread-safe);
+        // only meaningful when ranks agree, which shared-A strategies require anyway.
+        nonisolated(unsafe) let shared = sharedA && Set(ranks).count == 1 ? sharedCopies : a
         let start = DispatchTime.now().uptimeNanoseconds
         DispatchQueue.concurrentPerform(iterations: modules) { m in
             let clients = ranks.enumerated().map { k, r in
                 ClientFactors(id: "client-\(k)", samples: Double(100 + 10 * k), scaling: 32 / Double(r),
-                              a: MatrixView(rows: r, cols: dIn, base: a[m][k]), b: MatrixView(rows: dOut, cols: r, base: b[m][k]))
+                              a: MatrixView(rows: r, cols: dIn, base: shared[m][k]), b: MatrixView(rows: dOut, cols: r, base: b[m][k]))
             }
             do {
                 _ = try aggregator.aggregate(ModuleRound(module: "layers.\(m).proj", dOut: dOut, dIn: dIn, clients: clients))
@@ -169,6 +193,7 @@ final class BenchData: @unchecked Sendable {
     }
 
     deinit {
+        if Set(ranks).count == 1 { sharedCopies.joined().forEach { $0.deallocate() } }
         a.joined().forEach { $0.deallocate() }
         b.joined().forEach { $0.deallocate() }
     }

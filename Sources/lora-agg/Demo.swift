@@ -94,7 +94,13 @@ struct DemoScenario {
             var global: [Double] = [], perClient: [Double] = []
             var seconds = 0.0
             for module in modules {
-                try ModuleRound.withRound(module: module.name, dOut: module.dOut, dIn: module.dIn, clients: module.clients) { round in
+                var clients = module.clients
+                if plugin.info.capabilities.contains(.requiresSharedA), Set(clients.map(\.rank)).count == 1 {
+                    // FFA-LoRA's clients train B only, on an A frozen at the same seed.
+                    for k in clients.indices { clients[k].a = clients[0].a }
+                    row.note = "shared A"
+                }
+                try ModuleRound.withRound(module: module.name, dOut: module.dOut, dIn: module.dIn, clients: clients) { round in
                     let start = DispatchTime.now().uptimeNanoseconds
                     let result = try aggregator.aggregate(round)
                     seconds += Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
@@ -114,7 +120,7 @@ struct DemoScenario {
             row.globalError = global.reduce(0, +) / Double(global.count)
             row.clientError = perClient.reduce(0, +) / Double(perClient.count)
             row.seconds = seconds
-            if plugin.info.capabilities.contains(.exact) { row.note = "exact" }
+            if plugin.info.capabilities.contains(.exact) { row.note += (row.note.isEmpty ? "" : ", ") + "exact" }
             if plugin.info.capabilities.contains(.perClientPayloads) { row.note += (row.note.isEmpty ? "" : ", ") + "per-client" }
         } catch let error as AggregationError {
             if case .unsupported = error { row.note = "refused: equal ranks only" } else { row.note = "error: \(error.message)" }

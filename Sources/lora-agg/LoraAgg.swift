@@ -5,6 +5,16 @@ import LoraAggHost
 /// The `lora-agg` command.
 @main
 struct LoraAgg: ParsableCommand {
+    static func main() {
+        ProcessTuning.configureForParallelModules()
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            exit(withError: error)
+        }
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "lora-agg",
         abstract: "Aggregate federated LoRA adapters with pluggable strategies.",

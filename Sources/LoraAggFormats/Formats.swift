@@ -1,1 +1,0 @@
-/// safetensors and PEFT adapter folders.
