@@ -50,12 +50,8 @@ struct FlexLoRA: Strategy {
     init(parameters: StrategyParameters) {}
 
     func aggregate(_ round: ModuleRound) throws -> AggregationResult {
-        let weights = round.weights
-        let terms = round.clients.indices.map { k in
-            LowRank.Term(weight: weights[k] * round.clients[k].scaling, b: round.clients[k].b, a: round.clients[k].a)
-        }
         let maxRank = round.maxRank
-        let svd = try LowRank.factoredSVD(terms: terms, dOut: round.dOut, dIn: round.dIn, keep: maxRank)
+        let svd = try LowRank.factoredSVD(averaging: round, keep: maxRank)
 
         let scaling = round.commonScaling
         let global = svd.loraFactors(rank: maxRank, scaling: scaling)

@@ -55,13 +55,9 @@ struct SVDFedAvg: Strategy {
     }
 
     func aggregate(_ round: ModuleRound) throws -> AggregationResult {
-        let weights = round.weights
-        let terms = round.clients.indices.map { k in
-            LowRank.Term(weight: weights[k] * round.clients[k].scaling, b: round.clients[k].b, a: round.clients[k].a)
-        }
         let attainable = min(round.dOut, round.dIn, round.ranks.reduce(0, +))
         let rank = keepEverything ? attainable : (requestedRank == 0 ? round.maxRank : requestedRank)
-        let svd = try LowRank.factoredSVD(terms: terms, dOut: round.dOut, dIn: round.dIn, keep: rank)
+        let svd = try LowRank.factoredSVD(averaging: round, keep: rank)
         let scaling = round.commonScaling
         let factors = svd.loraFactors(rank: rank, scaling: scaling)
         let total = svd.totalEnergy

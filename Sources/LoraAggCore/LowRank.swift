@@ -118,6 +118,26 @@ public enum LowRank {
         }
     }
 
+    /// The SVD of a round's exact FedAvg of products, W = Σ_k p_k s_k B_k A_k
+    /// (p_k = n_k/Σn), truncated to `keep` triplets; errors name the module and
+    /// client, like the plugin kit's own checks.
+    public static func factoredSVD(averaging round: ModuleRound, keep: Int) throws -> Factorization {
+        let weights = round.weights
+        let terms = round.clients.indices.map { k in
+            Term(weight: weights[k] * round.clients[k].scaling, b: round.clients[k].b, a: round.clients[k].a)
+        }
+        do {
+            return try factoredSVD(terms: terms, dOut: round.dOut, dIn: round.dIn, keep: keep)
+        } catch AggregationError.invalidInput(let message) {
+            if let culprit = round.firstNonFiniteClient() {
+                throw AggregationError.invalidInput("module '\(round.module)', client '\(culprit.client)': \(culprit.factor) contains NaN or infinite values")
+            }
+            throw AggregationError.invalidInput("module '\(round.module)': \(message)")
+        } catch AggregationError.internalError(let message) {
+            throw AggregationError.internalError("module '\(round.module)': \(message)")
+        }
+    }
+
     /// A row as PEFT initialises `lora_A` (Kaiming-uniform, bound 1/√d_in),
     /// from a fixed seed and the slot index, so it is the same for every client
     /// and every call. For rank slots an SVD cannot fill: paired with a zero B
@@ -166,6 +186,8 @@ public enum LowRank {
         }
         let active = terms.filter { $0.weight != 0 && $0.a.rows > 0 }
         let termRank = active.reduce(0) { $0 + $1.a.rows }
+        // Which active term each stacked slot belongs to, for messages.
+        let slotTerms = active.indices.flatMap { Array(repeating: $0, count: active[$0].a.rows) }
         // LAPACK takes 32-bit dimensions; every buffer below must be indexable by them.
         guard dOut &* max(termRank, keep) < Int(Int32.max), dIn &* max(termRank, keep) < Int(Int32.max) else {
             throw AggregationError.invalidInput("factored SVD: stacked factors of \(dOut)x\(termRank) and \(termRank)x\(dIn) exceed LAPACK's 32-bit indexing")
@@ -214,6 +236,12 @@ public enum LowRank {
         // PEFT slot has B = 0); dropping it keeps the Gram matrices definite.
         let squaresB = squaredColumnNorms(stackB, rows: dOut, cols: termRank, gram: gramB)
         let squaresA = squaredColumnNorms(stackAT, rows: dIn, cols: termRank, gram: gramA)
+        // NaN or ±∞ anywhere in a column makes its squared norm non-finite (Float
+        // inputs cannot overflow a Double sum of squares), so this check is free.
+        if let slot = (0..<termRank).first(where: { !squaresB[$0].isFinite || !squaresA[$0].isFinite }) {
+            let term = terms.indices.filter { terms[$0].weight != 0 && terms[$0].a.rows > 0 }[slotTerms[slot]]
+            throw AggregationError.invalidInput("factored SVD: term \(term): \(squaresB[slot].isFinite ? "A" : "B") contains NaN or infinite values")
+        }
         let live = (0..<termRank).filter { squaresB[$0] > 0 && squaresA[$0] > 0 }
         if live.count < termRank {
             compact(&stackB, rows: dOut, keeping: live)

@@ -210,6 +210,23 @@ struct LowRankTests {
         #expect(error?.message.contains("term 0 is (5x2)·(2x4)") == true)
     }
 
+    @Test("NaN or infinity in a factor is invalid input naming the term, never a dropped slot")
+    func nonFinite() throws {
+        for bad in [Float.nan, .infinity] {
+            var f = Self.factors(ranks: [2, 3], dOut: 6, dIn: 5, seed: 26)
+            f[1].a[2, 4] = bad
+            let error = #expect(throws: AggregationError.self) { _ = try Self.run(f, weights: [1, 1], dOut: 6, dIn: 5, keep: 2) }
+            #expect(error == .invalidInput("factored SVD: term 1: A contains NaN or infinite values"))
+            // A weight-0 term before it does not shift the index.
+            f = Self.factors(ranks: [2, 3], dOut: 6, dIn: 5, seed: 27)
+            f[1].b[0, 0] = bad
+            let shifted = #expect(throws: AggregationError.self) {
+                _ = try Self.run([f[0]] + f, weights: [0, 1, 1], dOut: 6, dIn: 5, keep: 2)
+            }
+            #expect(shifted == .invalidInput("factored SVD: term 2: B contains NaN or infinite values"))
+        }
+    }
+
     @Test("the host's factored_svd C service returns the kernel's triplets")
     func hostService() throws {
         let ranks = [3, 1]
