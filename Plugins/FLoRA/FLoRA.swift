@@ -26,6 +26,13 @@ import LoraAggPluginKit
 /// config must say r = Σ r_k and lora_alpha = s·Σr_k (no rsLoRA), so that PEFT's
 /// α/r equals s.
 ///
+/// With `downlink = "residual"` the same exact update is expressed the way
+/// clients use it: the stacked product s·B·A is returned as the base-weight
+/// residual U·V (U = B, V = s·A, still factored) and the global factors are a
+/// fresh LoRA of rank r_max (B = 0, Kaiming-uniform A rows), so that
+/// `lora-agg apply-residual` performs the merge and clients train the fresh
+/// adapter.
+///
 /// Bugs of the official code avoided: the global `LoraConfig` uses α = lora_alpha·N
 /// and r = lora_r·N, which matches the clients' α = 2r_k only for its default
 /// ranks; here the scaling is derived from the clients. Its FedIT baseline
@@ -43,13 +50,22 @@ struct FLoRA: Strategy {
             for any mix of ranks and scalings. The global rank is Σ r_k. Clients merge s·B·A into their \
             base weight and start a fresh LoRA (A random, B = 0) each round, as the official code does; \
             the global adapter is not meant to be sliced per client. Its PEFT config needs r = Σ r_k and \
-            lora_alpha = s·Σ r_k. Avoided official-code bugs: a global α/r that matches the clients only \
+            lora_alpha = s·Σ r_k. downlink=residual returns the stack as the base residual U·V instead, \
+            with a fresh LoRA (B = 0) as the global factors, so apply-residual does the merge. Avoided official-code bugs: a global α/r that matches the clients only \
             for the default ranks, and a FedIT baseline that accumulates into the misspelled \
             weighted_sindgle_weights and so keeps only the first client.
             """,
-        capabilities: [.exact, .heterogeneousRanks])
+        capabilities: [.exact, .heterogeneousRanks, .baseResidual],
+        parameters: [
+            .choice("downlink", default: "stack", choices: ["stack", "residual"],
+                    help: "stack: the stacked adapter (rank Σ r_k) as the global factors, as the paper ships it; residual: the stacked product as the base-weight residual and a fresh LoRA (B = 0) as the global factors."),
+        ])
 
-    init(parameters: StrategyParameters) {}
+    let stackAsResidual: Bool
+
+    init(parameters: StrategyParameters) {
+        stackAsResidual = parameters.string("downlink") == "residual"
+    }
 
     func aggregate(_ round: ModuleRound) throws -> AggregationResult {
         let dOut = round.dOut, dIn = round.dIn
@@ -75,8 +91,19 @@ struct FLoRA: Strategy {
                 }
             }
         }
-        return AggregationResult(a: a, b: b, scaling: scaling,
-                                 diagnostics: [Diagnostic("global_rank", Double(stackedRank))])
+        let diagnostics = [Diagnostic("global_rank", Double(stackedRank))]
+        guard stackAsResidual else {
+            return AggregationResult(a: a, b: b, scaling: scaling, diagnostics: diagnostics)
+        }
+        // The residual carries its scaling: V = s·A.
+        if scaling != 1 { a.values.withUnsafeMutableBufferPointer { v in for i in v.indices { v[i] *= Float(scaling) } } }
+        let freshRank = round.maxRank
+        var freshA = Matrix(zeros: freshRank, dIn)
+        for slot in 0..<freshRank {
+            freshA.values.replaceSubrange((slot * dIn)..<((slot + 1) * dIn), with: LowRank.initialisationRow(slot: slot, dIn: dIn))
+        }
+        return AggregationResult(a: freshA, b: Matrix(zeros: dOut, freshRank), scaling: scaling,
+                                 residual: FactoredResidual(u: b, v: a), diagnostics: diagnostics)
     }
 }
 

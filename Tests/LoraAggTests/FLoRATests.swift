@@ -4,8 +4,8 @@ import LoraAggHost
 
 @Suite("flora")
 struct FLoRATests {
-    static func aggregate(_ clients: [ClientUpdate], dOut: Int, dIn: Int) throws -> AggregationResult {
-        let aggregator = try TestSupport.registry.plugin(named: "flora").makeAggregator()
+    static func aggregate(_ clients: [ClientUpdate], dOut: Int, dIn: Int, _ assignments: [String] = []) throws -> AggregationResult {
+        let aggregator = try TestSupport.registry.plugin(named: "flora").makeAggregator(assignments: assignments)
         return try ModuleRound.withRound(module: "m", dOut: dOut, dIn: dIn, clients: clients) { try aggregator.aggregate($0) }
     }
 
@@ -50,5 +50,25 @@ struct FLoRATests {
         let result = try Self.aggregate(clients, dOut: 3, dIn: 4)
         #expect(result.scaling == 2)
         #expect(result.a.values == clients[0].a.values.map { $0 * 0.2 } + clients[1].a.values.map { $0 * 0.8 })
+    }
+
+    @Test("downlink=residual returns the stack as the base residual and a fresh, trainable LoRA")
+    func residualDownlink() throws {
+        var generator = TestSupport.SeededGenerator(seed: 43)
+        let (dOut, dIn) = (7, 5)
+        let clients = [
+            TestSupport.randomClient("r2", rank: 2, dOut: dOut, dIn: dIn, samples: 2, scaling: 8, &generator),
+            TestSupport.randomClient("r3", rank: 3, dOut: dOut, dIn: dIn, samples: 6, scaling: 16.0 / 3.0.squareRoot(), &generator),
+        ]
+        let result = try Self.aggregate(clients, dOut: dOut, dIn: dIn, ["downlink=residual"])
+        let residual = try #require(result.residual)
+        #expect(residual.rank == 5)
+        #expect(result.rank == 3 && result.b.values.allSatisfy { $0 == 0 })
+        for slot in 0..<3 { #expect((0..<dIn).contains { result.a[slot, $0] != 0 }, "A row \(slot) can train") }
+        let ideal = ModuleRound.withRound(module: "m", dOut: dOut, dIn: dIn, clients: clients) { Reference.idealUpdate($0) }
+        #expect(Reference.relativeError(Reference.effectiveUpdate(result, dOut: dOut, dIn: dIn), ideal) < 1e-6)
+        // The stack and the residual are the same update.
+        let stacked = try Self.aggregate(clients, dOut: dOut, dIn: dIn)
+        #expect(residual.u == stacked.b)
     }
 }
