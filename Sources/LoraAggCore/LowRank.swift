@@ -10,10 +10,10 @@ import Glibc
 /// ```
 /// B_cat = [w_1 B_1 … w_T B_T]      (d_out × R)
 /// A_cat = [A_1; …; A_T]            (R × d_in)      so  M = B_cat A_cat
-/// B_cat = Q_B R_B,  A_catᵀ = Q_A R_A               (Householder QR, LAPACK dgeqrf)
+/// B_cat = Q_B R_B,  A_catᵀ = Q_A R_A               (Cholesky QR, or Householder when unsafe)
 /// M = Q_B (R_B R_Aᵀ) Q_Aᵀ,         core C = R_B R_Aᵀ is only min(d_out,R) × min(d_in,R)
 /// C = U_c Σ V_cᵀ                                   (dgesdd)
-/// U = Q_B U_c,  Vᵀ = V_cᵀ Q_Aᵀ                     (dormqr on the kept columns only)
+/// U = Q_B U_c,  Vᵀ = V_cᵀ Q_Aᵀ                     (Q applied to the kept columns only)
 /// ```
 ///
 /// Q_B and Q_A have orthonormal columns, so U and V do too and Σ is exactly
@@ -43,7 +43,8 @@ public enum LowRank {
     public enum Orthogonalisation: String, Sendable {
         /// Cholesky of the equilibrated Gram matrix XᵀX, once: for well-conditioned X.
         case choleskyQR = "cholesky-qr"
-        /// Cholesky QR repeated on its own Q: orthogonal to round-off for κ(X) up to about 1e6.
+        /// Cholesky QR repeated on its own Q: orthogonal to round-off for moderately
+        /// ill-conditioned X (used up to an estimated κ₁ of 1e5).
         case choleskyQR2 = "cholesky-qr2"
         /// Householder QR (dgeqrf): for ill-conditioned or rank-deficient X and R > d.
         case householder
@@ -57,8 +58,7 @@ public enum LowRank {
         public var sigma: [Double]
         /// keep×d_in, orthonormal rows (right singular vectors, transposed).
         public var vt: Matrix
-        /// Every singular value the sum can have, descending:
-        /// min(d_out, d_in, R) of them (R = Σ r_j over terms of non-zero weight).
+        /// Every singular value the sum can have, descending: ``attainableRank`` of them.
         public var spectrum: [Double]
         /// The rank bound min(d_out, d_in, R), R counting the rank slots of
         /// non-zero weight whose B column and A row are both non-zero; columns
