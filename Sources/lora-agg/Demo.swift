@@ -110,7 +110,16 @@ struct DemoScenario {
                     if let r = result.residual {
                         r.u.withView { u in r.v.withView { v in Reference.accumulateProduct(b: u, a: v, weight: 1, into: &residual, dIn: round.dIn) } }
                     }
+                    // A global adapter wider than every client with no payloads (FLoRA's
+                    // stack) is merged into the base by every client, as the Python Flower
+                    // strategy does; otherwise client k keeps its payload or its first r_k slots.
+                    let mergedByClients = result.clientPayloads == nil && result.rank > round.maxRank
+                    if mergedByClients { row.note = "clients merge the global adapter" }
                     for (k, client) in round.clients.enumerated() {
+                        if mergedByClients {
+                            perClient.append(global.last!)
+                            continue
+                        }
                         var received = Reference.clientUpdate(result, client: k, rank: client.rank, dOut: round.dOut, dIn: round.dIn)
                         for i in received.indices { received[i] += residual[i] }
                         perClient.append(Reference.relativeError(received, ideal))
