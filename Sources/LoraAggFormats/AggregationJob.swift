@@ -56,10 +56,14 @@ public struct AggregationOptions: Sendable {
     public var force: Bool
     /// Report progress on standard error.
     public var progress: Bool
+    /// The federated round number passed to the strategy (stateful strategies key on it).
+    public var roundIndex: Int
 
     public init(strategyName: String, strategyVersion: String = "", parametersJSON: String = "{}",
                 dtype: DType? = nil, extraTensors: ExtraTensorPolicy = .average,
-                allowPartialModules: Bool = false, force: Bool = false, progress: Bool = false) {
+                allowPartialModules: Bool = false, force: Bool = false, progress: Bool = false,
+                roundIndex: Int = 0) {
+        self.roundIndex = roundIndex
         self.strategyName = strategyName
         self.strategyVersion = strategyVersion
         self.parametersJSON = parametersJSON
@@ -126,7 +130,8 @@ public enum AggregationJob {
                                                  a: a.view(rows: info.rank, cols: info.dIn),
                                                  b: b.view(rows: info.dOut, cols: info.rank)))
                 }
-                let round = ModuleRound(module: module, dOut: shape.dOut, dIn: shape.dIn, clients: factors)
+                let round = ModuleRound(module: module, dOut: shape.dOut, dIn: shape.dIn,
+                                        roundIndex: options.roundIndex, clients: factors)
                 let result = try withExtendedLifetime(storages) { try aggregator.aggregate(round) }
                 progress.step()
                 return result
