@@ -13,16 +13,7 @@ struct InputFactory: Sendable {
     let heterogeneous: Bool
 
     /// SplitMix64, so that inputs never depend on the system RNG.
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
+    typealias Generator = Synthetic.Generator
 
     /// A client's recipe: rank, LoRA alpha, whether rsLoRA scaling is used, samples.
     struct Spec {
@@ -48,7 +39,7 @@ struct InputFactory: Sendable {
     /// Clients with random factors: A entries in [-0.5, 0.5), B entries in
     /// [-0.1, 0.1) (trained B stays small), non-square d_out×d_in.
     func clients(_ specs: [Spec], dOut: Int, dIn: Int, seed: UInt64) -> [ClientUpdate] {
-        var generator = Generator(state: seed)
+        var generator = Generator(seed: seed)
         func matrix(_ rows: Int, _ cols: Int, _ scale: Float) -> Matrix {
             Matrix(rows: rows, cols: cols,
                    values: (0..<(rows * cols)).map { _ in scale * Float.random(in: -1..<1, using: &generator) })

@@ -13,17 +13,7 @@ enum TestSupport {
     }()
 
     /// A deterministic pseudo-random generator (SplitMix64), so tests never depend on the system RNG.
-    struct SeededGenerator: RandomNumberGenerator {
-        var state: UInt64
-        init(seed: UInt64) { state = seed }
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
+    typealias SeededGenerator = Synthetic.Generator
 
     /// A matrix of uniform values in [-1, 1).
     static func randomMatrix(_ rows: Int, _ cols: Int, _ generator: inout SeededGenerator) -> Matrix {
