@@ -311,54 +311,31 @@ struct LoRAFAIR: Strategy {
     }
 
     /// Eigenvalues and eigenvectors (column e of the row-major result) of a
-    /// small symmetric matrix by cyclic Jacobi rotations.
+    /// small symmetric matrix, through LAPACK `dsyevd`.
     ///
-    /// Hand-written rather than LAPACK `dsyevd`: for r×r (r ≲ 100) Jacobi
-    /// costs microseconds, and it finds small eigenvalues to high relative
-    /// accuracy, which the pseudo-inverse at λ = 0 depends on. (It was first
-    /// chosen because OpenBLAS threaded `dsytrd`'s `dsymv` even for 16×16;
-    /// the host now runs OpenBLAS single-threaded, so that reason is gone.)
+    /// (A hand Jacobi solver used to stand here because OpenBLAS threaded the
+    /// `dsymv` inside `dsytrd` even for 16×16 matrices, and those threads
+    /// fought the host's per-module threads; the host now runs OpenBLAS
+    /// single-threaded, and `dsyevd` is several times faster.) On failure the
+    /// eigenvalues are NaN, which the caller reports.
     static func symmetricEigen(_ matrix: [Double], n: Int) -> (values: [Double], vectors: [Double]) {
+        // Symmetric, so the row-major input is its own column-major form; the
+        // result holds eigenvector e in column-major column e, i.e. row e here.
         var a = matrix
-        var v = [Double](repeating: 0, count: n * n)
-        for i in 0..<n { v[i * n + i] = 1 }
-        let total = a.reduce(0) { $0 + $1 * $1 }
-        // Raw pointers: with array subscripts the bounds checks cost more than the arithmetic.
-        a.withUnsafeMutableBufferPointer { aBuffer in
-            v.withUnsafeMutableBufferPointer { vBuffer in
-                let a = aBuffer.baseAddress!, v = vBuffer.baseAddress!
-                for _ in 0..<100 {
-                    var off = 0.0
-                    for i in 0..<n { for j in (i + 1)..<max(i + 1, n) { off += a[i * n + j] * a[i * n + j] } }
-                    if off <= 1e-30 * total || off == 0 { break }
-                    for p in 0..<n {
-                        for q in (p + 1)..<max(p + 1, n) {
-                            let apq = a[p * n + q]
-                            if apq == 0 { continue }
-                            let theta = (a[q * n + q] - a[p * n + p]) / (2 * apq)
-                            let t = (theta >= 0 ? 1.0 : -1.0) / (abs(theta) + (theta * theta + 1).squareRoot())
-                            let c = 1 / (t * t + 1).squareRoot(), s = t * c
-                            for k in 0..<n {
-                                let akp = a[k * n + p], akq = a[k * n + q]
-                                a[k * n + p] = c * akp - s * akq
-                                a[k * n + q] = s * akp + c * akq
-                            }
-                            for k in 0..<n {
-                                let apk = a[p * n + k], aqk = a[q * n + k]
-                                a[p * n + k] = c * apk - s * aqk
-                                a[q * n + k] = s * apk + c * aqk
-                            }
-                            for k in 0..<n {
-                                let vkp = v[k * n + p], vkq = v[k * n + q]
-                                v[k * n + p] = c * vkp - s * vkq
-                                v[k * n + q] = s * vkp + c * vkq
-                            }
-                        }
-                    }
-                }
-            }
+        var values = [Double](repeating: 0, count: n)
+        var size = Int32(n), lda = Int32(max(1, n)), info: Int32 = 0
+        var workSize = 0.0, iworkSize: Int32 = 0, query: Int32 = -1
+        dsyevd_("V", "U", &size, &a, &lda, &values, &workSize, &query, &iworkSize, &query, &info)
+        var lwork = Int32(workSize), liwork = iworkSize
+        var work = [Double](repeating: 0, count: max(1, Int(lwork)))
+        var iwork = [Int32](repeating: 0, count: max(1, Int(liwork)))
+        if info == 0 {
+            dsyevd_("V", "U", &size, &a, &lda, &values, &work, &lwork, &iwork, &liwork, &info)
         }
-        return ((0..<n).map { a[$0 * n + $0] }, v)
+        guard info == 0 else { return ([Double](repeating: .nan, count: n), [Double](repeating: 0, count: n * n)) }
+        var vectors = [Double](repeating: 0, count: n * n)
+        for e in 0..<n { for i in 0..<n { vectors[i * n + e] = a[e * n + i] } }
+        return (values, vectors)
     }
 }
 
