@@ -11,6 +11,10 @@ let strategyPlugins = [
     "FFALoRA",
     "FedExLoRA",
     "LoRAFAIR",
+    "FlexLoRA",
+    "FLoRA",
+    "FedSALoRA",
+    "SVDFedAvg",
 ]
 
 /// Plugins built from `Templates/` so that `swift test` proves the templates

@@ -91,6 +91,32 @@ def main():
                     bbar[:, :r] += p[k] * b[k]
 
         rows += [("zero-pad", best(zeropad, args.repeats))]
+    # flexlora / svd-fedavg: the top-r_max SVD of Σ p_k s_k B_k A_k from the
+    # stacked factors (algorithms.md §8, §13), by QR and by Float32 Gram matrices.
+    keep = max(ranks)
+
+    def stacks(a, b):
+        bs = [b[k].reshape(args.d_out, ranks[k]) * p[k] for k in range(len(ranks))]
+        as_ = [a[k].reshape(ranks[k], args.d_in) for k in range(len(ranks))]
+        return np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)
+
+    def svd_qr():
+        for a, b in modules:
+            bc, ac = stacks(a, b)
+            qb, rb = np.linalg.qr(bc)
+            qa, ra = np.linalg.qr(ac.T)
+            u, s, vt = np.linalg.svd(rb @ ra.T)
+            qb @ u[:, :keep], qa @ vt[:keep].T
+
+    def svd_gram():
+        for a, b in modules:
+            bc, ac = stacks(a, b)
+            lb, la = np.linalg.cholesky(bc.T @ bc), np.linalg.cholesky(ac @ ac.T)
+            u, s, vt = np.linalg.svd(lb.T @ la)
+            bc @ np.linalg.solve(lb.T, u[:, :keep]), ac.T @ np.linalg.solve(la.T, vt[:keep].T)
+
+    rows += [("flexlora SVD, QR route", best(svd_qr, args.repeats)),
+             ("flexlora SVD, Gram route", best(svd_gram, args.repeats))]
     memcpy_seconds = rows[0][1]
     for name, seconds in rows:
         print(f"  numpy {name:<24} {seconds:8.3f} s   {memcpy_seconds / seconds:5.2f} × memcpy")

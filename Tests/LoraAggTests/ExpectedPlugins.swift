@@ -12,5 +12,9 @@ enum ExpectedPlugins {
         "ffa-lora",
         "fedex-lora",
         "lora-fair",
+        "flexlora",
+        "flora",
+        "fedsa-lora",
+        "svd-fedavg",
     ]
 }

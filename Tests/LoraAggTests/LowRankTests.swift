@@ -58,13 +58,20 @@ struct LowRankTests {
     }
 
     /// Checks σ, the rank-`keep` product and orthonormality against the dense Jacobi SVD.
-    static func checkAgainstDense(ranks: [Int], weights: [Double], dOut: Int, dIn: Int, keep: Int, seed: UInt64) throws {
-        let f = factors(ranks: ranks, dOut: dOut, dIn: dIn, seed: seed)
+    @discardableResult
+    static func checkAgainstDense(ranks: [Int], weights: [Double], dOut: Int, dIn: Int, keep: Int, seed: UInt64) throws -> LowRank.Factorization {
+        try checkAgainstDense(factors(ranks: ranks, dOut: dOut, dIn: dIn, seed: seed), weights: weights, dOut: dOut, dIn: dIn, keep: keep)
+    }
+
+    @discardableResult
+    static func checkAgainstDense(_ f: [(b: Matrix, a: Matrix)], weights: [Double], dOut: Int, dIn: Int, keep: Int,
+                                  nullSlots: Int = 0) throws -> LowRank.Factorization {
+        let ranks = f.map(\.a.rows)
         let svd = try run(f, weights: weights, dOut: dOut, dIn: dIn, keep: keep)
         let dense = denseSum(f, weights: weights, dOut: dOut, dIn: dIn)
         let truth = DenseSVD.decompose(dense, rows: dOut, cols: dIn)
         let scale = truth.sigma[0]
-        let attainable = min(dOut, dIn, ranks.reduce(0, +))
+        let attainable = min(dOut, dIn, ranks.reduce(0, +) - nullSlots)
 
         #expect(svd.attainableRank == attainable)
         #expect(svd.spectrum.count == attainable)
@@ -85,6 +92,50 @@ struct LowRankTests {
             let dot = zip(uColumns[t], truth.u[t]).reduce(0) { $0 + $1.0 * $1.1 }
             #expect(abs(abs(dot) - 1) < 1e-4, "u_\(t) equals the dense singular vector up to sign")
         }
+        return svd
+    }
+
+    /// Two clients whose factors differ by `gap` (relative): the stacks are then
+    /// ill-conditioned with κ ≈ 1/gap, as when clients start from one global adapter.
+    static func nearDuplicates(gap: Float, dOut: Int, dIn: Int, rank: Int, seed: UInt64) -> [(b: Matrix, a: Matrix)] {
+        var generator = TestSupport.SeededGenerator(seed: seed)
+        let b = TestSupport.randomMatrix(dOut, rank, &generator), a = TestSupport.randomMatrix(rank, dIn, &generator)
+        let db = TestSupport.randomMatrix(dOut, rank, &generator), da = TestSupport.randomMatrix(rank, dIn, &generator)
+        let nearB = Matrix(rows: dOut, cols: rank, values: zip(b.values, db.values).map { $0 + gap * $1 })
+        let nearA = Matrix(rows: rank, cols: dIn, values: zip(a.values, da.values).map { $0 + gap * $1 })
+        return [(b, a), (nearB, nearA)]
+    }
+
+    @Test("well-conditioned stacks take one Cholesky QR pass, and it matches the dense SVD")
+    func choleskyPath() throws {
+        let svd = try Self.checkAgainstDense(ranks: [3, 3, 2], weights: [0.3, 0.5, 40], dOut: 40, dIn: 30, keep: 4, seed: 21)
+        #expect(svd.methods.b == .choleskyQR && svd.methods.a == .choleskyQR)
+    }
+
+    @Test("moderately ill-conditioned stacks take Cholesky QR twice, and it matches the dense SVD")
+    func choleskyTwicePath() throws {
+        let f = Self.nearDuplicates(gap: 3e-4, dOut: 40, dIn: 30, rank: 3, seed: 22)
+        let svd = try Self.checkAgainstDense(f, weights: [0.5, 0.5], dOut: 40, dIn: 30, keep: 3)
+        #expect(svd.methods.b == .choleskyQR2 && svd.methods.a == .choleskyQR2)
+    }
+
+    @Test("nearly or exactly dependent stacks fall back to Householder QR, and it matches the dense SVD")
+    func householderPath() throws {
+        let near = Self.nearDuplicates(gap: 1e-6, dOut: 40, dIn: 30, rank: 3, seed: 23)
+        let svd = try Self.checkAgainstDense(near, weights: [0.5, 0.5], dOut: 40, dIn: 30, keep: 3)
+        #expect(svd.methods.b == .householder && svd.methods.a == .householder)
+        let same = Self.nearDuplicates(gap: 0, dOut: 40, dIn: 30, rank: 3, seed: 24)
+        let duplicate = try Self.checkAgainstDense(same, weights: [0.25, 0.75], dOut: 40, dIn: 30, keep: 3)
+        #expect(duplicate.methods.b == .householder)
+    }
+
+    @Test("slots with a zero B column are dropped before the Gram matrices")
+    func untrainedSlots() throws {
+        var f = Self.factors(ranks: [4, 2], dOut: 12, dIn: 9, seed: 25)
+        for i in 0..<12 { f[0].b[i, 1] = 0; f[0].b[i, 3] = 0 }
+        let svd = try Self.checkAgainstDense(f, weights: [1, 2], dOut: 12, dIn: 9, keep: 4, nullSlots: 2)
+        #expect(svd.attainableRank == 4)
+        #expect(svd.methods.b == .choleskyQR)
     }
 
     @Test("mixed ranks on a tall module match a dense SVD of the same sum")
@@ -157,6 +208,23 @@ struct LowRankTests {
             _ = try Self.run(f, weights: [1], dOut: 5, dIn: 3, keep: 1)
         }
         #expect(error?.message.contains("term 0 is (5x2)·(2x4)") == true)
+    }
+
+    @Test("NaN or infinity in a factor is invalid input naming the term, never a dropped slot")
+    func nonFinite() throws {
+        for bad in [Float.nan, .infinity] {
+            var f = Self.factors(ranks: [2, 3], dOut: 6, dIn: 5, seed: 26)
+            f[1].a[2, 4] = bad
+            let error = #expect(throws: AggregationError.self) { _ = try Self.run(f, weights: [1, 1], dOut: 6, dIn: 5, keep: 2) }
+            #expect(error == .invalidInput("factored SVD: term 1: A contains NaN or infinite values"))
+            // A weight-0 term before it does not shift the index.
+            f = Self.factors(ranks: [2, 3], dOut: 6, dIn: 5, seed: 27)
+            f[1].b[0, 0] = bad
+            let shifted = #expect(throws: AggregationError.self) {
+                _ = try Self.run([f[0]] + f, weights: [0, 1, 1], dOut: 6, dIn: 5, keep: 2)
+            }
+            #expect(shifted == .invalidInput("factored SVD: term 2: B contains NaN or infinite values"))
+        }
     }
 
     @Test("the host's factored_svd C service returns the kernel's triplets")
