@@ -26,7 +26,6 @@ public struct Matrix: Sendable, Equatable {
     public var values: [Float] {
         get { storage?.array ?? array }
         set {
-            precondition(newValue.count == rows * cols, "Matrix \(rows)x\(cols) needs \(rows * cols) values, got \(newValue.count)")
             array = newValue
             storage = nil
         }
@@ -36,7 +35,6 @@ public struct Matrix: Sendable, Equatable {
                 self.storage = nil
             }
             yield &array
-            precondition(array.count == rows * cols, "Matrix \(rows)x\(cols) needs \(rows * cols) values, got \(array.count)")
         }
     }
 
@@ -140,6 +138,7 @@ public struct Matrix: Sendable, Equatable {
     /// Whether every entry is finite.
     public var isFinite: Bool { withUnsafeBufferPointer(Kernels.allFinite) }
 
+    /// Equal shapes and equal values, whatever holds them.
     public static func == (lhs: Matrix, rhs: Matrix) -> Bool {
         guard lhs.rows == rhs.rows, lhs.cols == rhs.cols else { return false }
         return lhs.withUnsafeBufferPointer { l in rhs.withUnsafeBufferPointer { r in l.elementsEqual(r) } }

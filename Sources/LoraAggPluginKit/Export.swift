@@ -83,9 +83,13 @@ final class ResultStorage {
             shared.append(storage)
             return storage.base
         }
-        let pointer = UnsafeMutablePointer<Float>.allocate(capacity: max(1, matrix.rows * matrix.cols))
+        let count = matrix.rows * matrix.cols
+        let pointer = UnsafeMutablePointer<Float>.allocate(capacity: max(1, count))
         matrix.withUnsafeBufferPointer { source in
-            if let base = source.baseAddress { pointer.initialize(from: base, count: source.count) }
+            // The host reads rows·cols values; never write past them, nor leave any unset.
+            let copied = min(count, source.count)
+            if let base = source.baseAddress { pointer.initialize(from: base, count: copied) }
+            (pointer + copied).initialize(repeating: 0, count: count - copied)
         }
         matrices.append(pointer)
         return pointer
