@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import LoraAggCore
+import LoraAggFormats
 import LoraAggHost
 
 extension LoraAgg {
@@ -25,6 +26,9 @@ extension LoraAgg {
 
         @Option(help: ArgumentHelp("Also write the comparison as an SVG bar chart to this file.", valueName: "file.svg"))
         var plot: String?
+
+        @Option(help: ArgumentHelp("Also write the mixed-rank clients as PEFT adapter folders here, to try `lora-agg aggregate` on.", valueName: "dir"))
+        var writeClients: String?
 
         @Flag(help: "Also run the template plugins.")
         var includeTemplates = false
@@ -55,6 +59,10 @@ extension LoraAgg {
                 CLIENT ERR: the same for the update each client starts the next round with, averaged over clients.
                 Exact strategies sit at the Float32 floor (~1e-7); FedIT's gap is the aggregation bias.
                 """)
+            if let writeClients, let mixed = scenarios.last {
+                try mixed.writeAdapters(to: writeClients)
+                print("Wrote \(mixed.modules.first?.clients.count ?? 0) PEFT adapters to \(writeClients)/client-*")
+            }
             if let plot {
                 try DemoPlot.svg(chart).write(toFile: plot, atomically: true, encoding: .utf8)
                 print("Wrote \(plot)")
@@ -85,6 +93,41 @@ struct DemoScenario {
         ]
     }
 
+    /// Writes each client as a PEFT adapter folder `dir/client-<k>`: one module
+    /// per demo module under a Llama-style path, its rank in `rank_pattern`
+    /// where it differs, α = 16 as in the demo.
+    func writeAdapters(to folder: String) throws {
+        guard let count = modules.first?.clients.count else { return }
+        if FileManager.default.fileExists(atPath: folder) {
+            throw ValidationError("output folder '\(folder)' already exists; choose a new one")
+        }
+        let paths = ["q_proj": "model.layers.0.self_attn.q_proj", "up_proj": "model.layers.0.mlp.up_proj",
+                     "down_proj": "model.layers.0.mlp.down_proj"]
+        for k in 0..<count {
+            let clientFolder = folder + "/client-\(k)"
+            try FileManager.default.createDirectory(atPath: clientFolder, withIntermediateDirectories: true)
+            var tensors: [TensorToWrite] = []
+            for module in modules {
+                let client = module.clients[k], path = paths[module.name] ?? module.name
+                tensors.append(TensorToWrite(name: "base_model.model.\(path).lora_A.weight", dtype: .f32,
+                                             shape: [client.a.rows, client.a.cols], floats: client.a.values))
+                tensors.append(TensorToWrite(name: "base_model.model.\(path).lora_B.weight", dtype: .f32,
+                                             shape: [client.b.rows, client.b.cols], floats: client.b.values))
+            }
+            let rank = modules[0].clients[k].rank
+            let config: JSONValue = .object([
+                ("peft_type", .string("LORA")), ("task_type", .string("CAUSAL_LM")),
+                ("base_model_name_or_path", .string("lora-agg/demo-tiny-llama")),
+                ("r", .integer(rank)), ("lora_alpha", .integer(16)), ("use_rslora", .bool(false)),
+                ("target_modules", .array(["q_proj", "up_proj", "down_proj"].map { .string($0) })),
+                ("rank_pattern", .object([])), ("alpha_pattern", .object([])),
+                ("fan_in_fan_out", .bool(false)), ("bias", .string("none")), ("modules_to_save", .null),
+            ])
+            try AdapterWriter.write(folder: clientFolder, config: config, tensors: tensors,
+                                    metadata: [("format", "pt"), ("lora_agg.demo_client", "\(k)")])
+        }
+    }
+
     /// Aggregates every module with one strategy and measures the errors.
     func run(_ plugin: LoadedPlugin?) -> DemoRow {
         guard let plugin else { return DemoRow(name: "?", note: "could not load") }
@@ -110,7 +153,16 @@ struct DemoScenario {
                     if let r = result.residual {
                         r.u.withView { u in r.v.withView { v in Reference.accumulateProduct(b: u, a: v, weight: 1, into: &residual, dIn: round.dIn) } }
                     }
+                    // A global adapter wider than every client with no payloads (FLoRA's
+                    // stack) is merged into the base by every client, as the Python Flower
+                    // strategy does; otherwise client k keeps its payload or its first r_k slots.
+                    let mergedByClients = result.clientPayloads == nil && result.rank > round.maxRank
+                    if mergedByClients { row.note = "clients merge the global adapter" }
                     for (k, client) in round.clients.enumerated() {
+                        if mergedByClients {
+                            perClient.append(global.last!)
+                            continue
+                        }
                         var received = Reference.clientUpdate(result, client: k, rank: client.rank, dOut: round.dOut, dIn: round.dIn)
                         for i in received.indices { received[i] += residual[i] }
                         perClient.append(Reference.relativeError(received, ideal))
