@@ -106,16 +106,16 @@ struct FedExLoRA: Strategy {
 
         let r = round.clients[0].rank, dOut = round.dOut, dIn = round.dIn
         // Every entry is written below; skipping the zero fill saves a pass over the output.
+        // U and V go straight into matrix storage, which the plugin kit hands to the host without a copy.
         var a = Self.uninitialized(r * dIn), b = Self.uninitialized(dOut * r)
-        var v = Self.uninitialized(others.count * r * dIn)
         var nonzero = [Bool](repeating: false, count: others.count)
 
         // Pass over the A factors: Ā and the rows of V, chunk by chunk so each
         // client's chunk is read from memory once.
         let aSources = active.map { round.clients[$0].a.base }
         let aWeights = active.map { Float(weights[$0] * rescale[$0]) }
-        a.withUnsafeMutableBufferPointer { abar in
-            v.withUnsafeMutableBufferPointer { vOut in
+        var v = Matrix(rows: others.count * r, cols: dIn, initializingWith: { vOut in
+            a.withUnsafeMutableBufferPointer { abar in
                 let count = r * dIn
                 let pivotA = round.clients[pivot].a.base, pivotC = Float(rescale[pivot])
                 var start = 0
@@ -133,28 +133,27 @@ struct FedExLoRA: Strategy {
                     start += length
                 }
             }
-        }
+        })
         // A client whose rescaled A equals the pivot's (a shared, frozen A with
         // one scaling) adds nothing: drop its block instead of returning zeros.
         if nonzero.contains(false) {
             let blockSize = r * dIn
-            var kept = 0
-            for slot in others.indices where nonzero[slot] {
-                if kept != slot {
-                    for i in 0..<blockSize { v[kept * blockSize + i] = v[slot * blockSize + i] }
-                }
-                kept += 1
+            let keptSlots = others.indices.filter { nonzero[$0] }
+            v = v.withUnsafeBufferPointer { full in
+                Matrix(rows: keptSlots.count * r, cols: dIn, initializingWith: { kept in
+                    for (target, slot) in keptSlots.enumerated() {
+                        (kept.baseAddress! + target * blockSize).initialize(from: full.baseAddress! + slot * blockSize, count: blockSize)
+                    }
+                })
             }
-            v.removeLast((others.count - kept) * blockSize)
-            others = others.indices.filter { nonzero[$0] }.map { others[$0] }
+            others = keptSlots.map { others[$0] }
         }
         let q = others.count * r
-        var u = Self.uninitialized(dOut * q)
 
         // Pass over the B factors: B̄ and U, rows at a time for the same reason.
         let bSources = active.map { round.clients[$0].b.base }
-        b.withUnsafeMutableBufferPointer { bbar in
-            u.withUnsafeMutableBufferPointer { uOut in
+        let u = Matrix(rows: dOut, cols: q, initializingWith: { uOut in
+            b.withUnsafeMutableBufferPointer { bbar in
                 let rowsPerChunk = max(1, Self.chunk / r)
                 let columnWeights = others.map { Float(s * weights[$0]) }
                 let columnRescale = others.map { Float(rescale[$0]) }
@@ -177,7 +176,7 @@ struct FedExLoRA: Strategy {
                     row += rows
                 }
             }
-        }
+        })
 
         let average = (a: Matrix(rows: r, cols: dIn, values: a), b: Matrix(rows: dOut, cols: r, values: b))
         var diagnostics: [Diagnostic] = []
@@ -209,8 +208,8 @@ struct FedExLoRA: Strategy {
         if let svd {
             norms = Self.norms(residualSquared: svd.totalEnergy, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
         } else if reportNorms {
-            let gramU = Self.gram(u, rows: dOut, cols: q, ofColumns: true)
-            let gramV = Self.gram(v, rows: q, cols: dIn, ofColumns: false)
+            let gramU = u.withUnsafeBufferPointer { Self.gram($0, rows: dOut, cols: q, ofColumns: true) }
+            let gramV = v.withUnsafeBufferPointer { Self.gram($0, rows: q, cols: dIn, ofColumns: false) }
             let squared = max(0, zip(gramU, gramV).reduce(0) { $0 + $1.0 * $1.1 })
             norms = Self.norms(residualSquared: squared, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
         }
@@ -218,7 +217,7 @@ struct FedExLoRA: Strategy {
         let residual: FactoredResidual
         switch mode {
         case .factored:
-            residual = FactoredResidual(u: Matrix(rows: dOut, cols: q, values: u), v: Matrix(rows: q, cols: dIn, values: v))
+            residual = FactoredResidual(u: u, v: v)
             diagnostics.append(Diagnostic("residual_rank", Double(q)))
         case .dense:
             residual = Self.densify(u: u, v: v, q: q, dOut: dOut, dIn: dIn)
@@ -255,14 +254,15 @@ struct FedExLoRA: Strategy {
 
     /// ‖U·V‖ (given squared) and ‖s·B̄Ā + U·V‖ = √(s²‖B̄Ā‖² + 2s⟨B̄Ā, U·V⟩ + ‖U·V‖²),
     /// from r×r Gram matrices and r×q products only.
-    static func norms(residualSquared: Double, u: [Float], v: [Float], abar: [Float], bbar: [Float],
+    static func norms(residualSquared: Double, u: Matrix, v: Matrix, abar: [Float], bbar: [Float],
                       s: Double, r: Int, q: Int, dOut: Int, dIn: Int) -> Norms {
-        let gramB = gram(bbar, rows: dOut, cols: r, ofColumns: true)
-        let gramA = gram(abar, rows: r, cols: dIn, ofColumns: false)
+        let gramB = bbar.withUnsafeBufferPointer { gram($0, rows: dOut, cols: r, ofColumns: true) }
+        let gramA = abar.withUnsafeBufferPointer { gram($0, rows: r, cols: dIn, ofColumns: false) }
         let averageSquared = zip(gramB, gramA).reduce(0) { $0 + $1.0 * $1.1 }
-        // ⟨B̄Ā, UV⟩ = Σ (B̄ᵀU) ∘ (ĀVᵀ), accumulated over blocks of 64 along d
-        // so each GEMM stays below OpenBLAS's threading threshold: its threads
-        // would otherwise spin against the caller's per-module threads.
+        // ⟨B̄Ā, UV⟩ = Σ (B̄ᵀU) ∘ (ĀVᵀ), accumulated over blocks of 64 along d:
+        // OpenBLAS's small-matrix kernel on the blocks measured as fast as or
+        // faster than one call (the host runs OpenBLAS single-threaded, so
+        // keeping its threads out is no longer the reason).
         var bu = [Float](repeating: 0, count: r * q), av = [Float](repeating: 0, count: r * q)
         let depth = 64
         bbar.withUnsafeBufferPointer { bp in u.withUnsafeBufferPointer { up in bu.withUnsafeMutableBufferPointer { out in
@@ -286,11 +286,11 @@ struct FedExLoRA: Strategy {
 
     /// The Gram matrix of the columns (XᵀX) or of the rows (XXᵀ) of a
     /// row-major Float matrix, through `ssyrk`, as a symmetric Double matrix.
-    static func gram(_ x: [Float], rows: Int, cols: Int, ofColumns: Bool) -> [Double] {
+    static func gram(_ x: UnsafeBufferPointer<Float>, rows: Int, cols: Int, ofColumns: Bool) -> [Double] {
         let n = ofColumns ? cols : rows, depth = ofColumns ? rows : cols
         var g = [Float](repeating: 0, count: n * n)
         cblas_ssyrk(CblasRowMajor, CblasUpper, ofColumns ? CblasTrans : CblasNoTrans,
-                    Int32(n), Int32(depth), 1, x, Int32(cols), 0, &g, Int32(n))
+                    Int32(n), Int32(depth), 1, x.baseAddress, Int32(cols), 0, &g, Int32(n))
         var result = [Double](repeating: 0, count: n * n)
         for i in 0..<n {
             for j in i..<n {
@@ -302,7 +302,7 @@ struct FedExLoRA: Strategy {
     }
 
     /// U·V multiplied out, paired with an identity on its shorter side.
-    static func densify(u: [Float], v: [Float], q: Int, dOut: Int, dIn: Int) -> FactoredResidual {
+    static func densify(u: Matrix, v: Matrix, q: Int, dOut: Int, dIn: Int) -> FactoredResidual {
         var dense = [Float](repeating: 0, count: dOut * dIn)
         u.withUnsafeBufferPointer { up in v.withUnsafeBufferPointer { vp in dense.withUnsafeMutableBufferPointer { out in
             Kernels.gemm(up.baseAddress!, vp.baseAddress!, out.baseAddress!, m: dOut, n: dIn, k: q)

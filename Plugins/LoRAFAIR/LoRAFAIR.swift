@@ -98,7 +98,7 @@ struct LoRAFAIR: Strategy {
         let r = round.clients[0].rank, dOut = round.dOut, dIn = round.dIn
 
         let factorWeights = active.map { Float(weights[$0] * rescale[$0]) }
-        let block = Self.block
+        let block = Self.block, columnBlock = Self.columnBlock
 
         // Pass over the A factors, column blocks at a time: Ā's block, then
         // M_k += A_k[:, block]·Ā[:, block]ᵀ while A_k's block is still in cache.
@@ -110,14 +110,15 @@ struct LoRAFAIR: Strategy {
                 let mean = abarOut.baseAddress!
                 var column = 0
                 while column < dIn {
-                    let width = min(block, dIn - column)
+                    let width = min(columnBlock, dIn - column)
                     for t in 0..<r {
                         let offset = t * dIn + column
                         Kernels.weightedSum(active.map { round.clients[$0].a.base + offset }, weights: factorWeights,
                                             count: width, into: mean + offset)
                     }
                     for (slot, k) in active.enumerated() {
-                        // Below OpenBLAS's threading threshold, so it never competes with the caller's threads.
+                        // Per block rather than one call over d_in: measured faster (OpenBLAS's
+                        // small-matrix kernel, and A_k's block is still in cache).
                         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(r), Int32(r), Int32(width), 1,
                                     round.clients[k].a.base + column, Int32(dIn), mean + column, Int32(dIn),
                                     column == 0 ? 0 : 1, mOut.baseAddress! + slot * r * r, Int32(r))
@@ -257,10 +258,16 @@ struct LoRAFAIR: Strategy {
         throw AggregationError.internalError("module '\(round.module)': the Gram matrix of A overflowed; the factors are too large for Float32 products")
     }
 
-    /// Rows or columns per block of the fused passes: a client's block
-    /// (r×256 floats) stays in L1/L2 between its uses, and the small GEMMs
-    /// on it (r·r·256 multiply-adds) stay single-threaded inside OpenBLAS.
+    /// Rows per block of the fused pass over B: a client's block (256×r
+    /// floats) stays in L1/L2 between its uses. Splitting the products into
+    /// blocks also measured faster than whole-array calls (with OpenBLAS
+    /// single-threaded, as the host sets it, that is the only reason left).
     static let block = 256
+
+    /// Columns per block of the pass over A: wider than `block` because the
+    /// r×r×width products there run faster with a longer inner dimension,
+    /// and K clients' r×512 blocks still fit in L2.
+    static let columnBlock = 512
 
     /// XXᵀ of a row-major rows×cols Float matrix, through `ssyrk`, as Double.
     static func rowGram(_ x: [Float], rows: Int, cols: Int) -> [Double] {
@@ -304,47 +311,31 @@ struct LoRAFAIR: Strategy {
     }
 
     /// Eigenvalues and eigenvectors (column e of the row-major result) of a
-    /// small symmetric matrix by cyclic Jacobi rotations.
+    /// small symmetric matrix, through LAPACK `dsyevd`.
     ///
-    /// Hand-written rather than LAPACK `dsyevd` because OpenBLAS runs the
-    /// `dsymv` inside `dsytrd` multi-threaded even for 16×16 matrices, and
-    /// those threads fight the caller's own per-module threads; for r×r
-    /// (r ≲ 100) Jacobi costs microseconds and is accurate to round-off.
+    /// (A hand Jacobi solver used to stand here because OpenBLAS threaded the
+    /// `dsymv` inside `dsytrd` even for 16×16 matrices, and those threads
+    /// fought the host's per-module threads; the host now runs OpenBLAS
+    /// single-threaded, and `dsyevd` is several times faster.) On failure the
+    /// eigenvalues are NaN, which the caller reports.
     static func symmetricEigen(_ matrix: [Double], n: Int) -> (values: [Double], vectors: [Double]) {
+        // Symmetric, so the row-major input is its own column-major form; the
+        // result holds eigenvector e in column-major column e, i.e. row e here.
         var a = matrix
-        var v = [Double](repeating: 0, count: n * n)
-        for i in 0..<n { v[i * n + i] = 1 }
-        let total = a.reduce(0) { $0 + $1 * $1 }
-        for _ in 0..<100 {
-            var off = 0.0
-            for i in 0..<n { for j in (i + 1)..<max(i + 1, n) { off += a[i * n + j] * a[i * n + j] } }
-            if off <= 1e-30 * total || off == 0 { break }
-            for p in 0..<n {
-                for q in (p + 1)..<max(p + 1, n) {
-                    let apq = a[p * n + q]
-                    if apq == 0 { continue }
-                    let theta = (a[q * n + q] - a[p * n + p]) / (2 * apq)
-                    let t = (theta >= 0 ? 1.0 : -1.0) / (abs(theta) + (theta * theta + 1).squareRoot())
-                    let c = 1 / (t * t + 1).squareRoot(), s = t * c
-                    for k in 0..<n {
-                        let akp = a[k * n + p], akq = a[k * n + q]
-                        a[k * n + p] = c * akp - s * akq
-                        a[k * n + q] = s * akp + c * akq
-                    }
-                    for k in 0..<n {
-                        let apk = a[p * n + k], aqk = a[q * n + k]
-                        a[p * n + k] = c * apk - s * aqk
-                        a[q * n + k] = s * apk + c * aqk
-                    }
-                    for k in 0..<n {
-                        let vkp = v[k * n + p], vkq = v[k * n + q]
-                        v[k * n + p] = c * vkp - s * vkq
-                        v[k * n + q] = s * vkp + c * vkq
-                    }
-                }
-            }
+        var values = [Double](repeating: 0, count: n)
+        var size = Int32(n), lda = Int32(max(1, n)), info: Int32 = 0
+        var workSize = 0.0, iworkSize: Int32 = 0, query: Int32 = -1
+        dsyevd_("V", "U", &size, &a, &lda, &values, &workSize, &query, &iworkSize, &query, &info)
+        var lwork = Int32(workSize), liwork = iworkSize
+        var work = [Double](repeating: 0, count: max(1, Int(lwork)))
+        var iwork = [Int32](repeating: 0, count: max(1, Int(liwork)))
+        if info == 0 {
+            dsyevd_("V", "U", &size, &a, &lda, &values, &work, &lwork, &iwork, &liwork, &info)
         }
-        return ((0..<n).map { a[$0 * n + $0] }, v)
+        guard info == 0 else { return ([Double](repeating: .nan, count: n), [Double](repeating: 0, count: n * n)) }
+        var vectors = [Double](repeating: 0, count: n * n)
+        for e in 0..<n { for i in 0..<n { vectors[i * n + e] = a[e * n + i] } }
+        return (values, vectors)
     }
 }
 
@@ -436,8 +427,7 @@ struct Basis {
         return min(1, max(-1, productDot(c: c) / (productNorm * idealNorm)))
     }
 
-    /// Z c = B̄ c_top + P c_bottom, d_out×r, row blocks at a time (each
-    /// product stays below OpenBLAS's threading threshold).
+    /// Z c = B̄ c_top + P c_bottom, d_out×r, row blocks at a time.
     func combine(_ c: [Double]) -> [Float] {
         var out = [Float](repeating: 0, count: dOut * r)
         let top = c.prefix(r * r).map { Float($0) }, bottom = c.suffix(r * r).map { Float($0) }

@@ -5,14 +5,16 @@ import LoraAggCore
 /// A loaded C plugin's instance, seen as an ``Aggregator`` again.
 ///
 /// Client factors cross the boundary without a copy: the C round points into
-/// the caller's memory. The plugin's result is copied into Swift values and
-/// released at once, so nothing plugin-owned outlives the call.
+/// the caller's memory. Neither does the result: its matrices borrow the
+/// plugin's buffers, and the plugin's `free_result` runs when the last of
+/// them is dropped (the instance is kept alive until then, so `destroy`
+/// always comes after every `free_result`).
 public final class PluginAggregator: Aggregator, @unchecked Sendable {
     /// The plugin this instance belongs to.
     public let plugin: LoadedPlugin
     /// The checked hyperparameters it was created with.
     public let parameters: StrategyParameters
-    private let state: UnsafeMutableRawPointer
+    fileprivate let state: UnsafeMutableRawPointer
 
     init(plugin: LoadedPlugin, parameters: StrategyParameters) throws {
         self.plugin = plugin
@@ -66,19 +68,21 @@ public final class PluginAggregator: Aggregator, @unchecked Sendable {
             return descriptor.aggregate(state, &raw, &result, &message, message.count)
         }
         guard status == LORA_AGG_OK else { throw Self.error(status, message, fallback: "aggregate failed") }
-        defer { descriptor.free_result(state, &result) }
-        return try convert(result, round: round)
+        // From here on the lease frees the result, on error as soon as it is dropped.
+        let lease = ResultLease(result, aggregator: self)
+        return try convert(lease, round: round)
     }
 
-    /// Copies a plugin-owned result into Swift values, checking its shapes.
-    private func convert(_ raw: lora_agg_result, round: ModuleRound) throws -> AggregationResult {
+    /// Wraps a plugin-owned result in Swift values (borrowing its buffers), checking its shapes.
+    private func convert(_ lease: ResultLease, round: ModuleRound) throws -> AggregationResult {
+        let raw = lease.result
         let dOut = round.dOut, dIn = round.dIn
         func matrix(_ pointer: UnsafeMutablePointer<Float>?, _ rows: Int, _ cols: Int, _ field: String) throws -> Matrix {
             if rows * cols == 0 { return Matrix(zeros: rows, cols) }
             guard let pointer else {
                 throw AggregationError.internalError("module '\(round.module)': plugin '\(plugin.info.name)' returned NULL '\(field)'")
             }
-            return Matrix(rows: rows, cols: cols, values: Array(UnsafeBufferPointer(start: pointer, count: rows * cols)))
+            return Matrix(rows: rows, cols: cols, storage: MatrixStorage(borrowing: pointer, count: rows * cols, owner: lease))
         }
         let rank = Int(raw.rank)
         var result = AggregationResult(a: try matrix(raw.a, rank, dIn, "a"), b: try matrix(raw.b, dOut, rank, "b"),
@@ -142,4 +146,19 @@ public final class PluginAggregator: Aggregator, @unchecked Sendable {
         default: return .internalError(text)
         }
     }
+}
+
+/// A plugin's result kept alive while Swift matrices borrow its buffers;
+/// its deinit hands the result back to the plugin's `free_result`.
+private final class ResultLease: @unchecked Sendable {
+    var result: lora_agg_result
+    /// Keeps the plugin instance (its `state`) alive until `free_result`.
+    let aggregator: PluginAggregator
+
+    init(_ result: lora_agg_result, aggregator: PluginAggregator) {
+        self.result = result
+        self.aggregator = aggregator
+    }
+
+    deinit { aggregator.plugin.descriptor.pointee.free_result(aggregator.state, &result) }
 }

@@ -69,14 +69,27 @@ final class Instance: @unchecked Sendable {
 /// Storage of one result until `free_result`.
 final class ResultStorage {
     var matrices: [UnsafeMutablePointer<Float>] = []
+    /// Storage blocks handed to the host as they are; released with the result.
+    var shared: [MatrixStorage] = []
     var payloads: UnsafeMutablePointer<lora_agg_client_payload>?
     var diagnostics: UnsafeMutablePointer<lora_agg_diagnostic>?
     var names: [UnsafeMutablePointer<CChar>] = []
 
-    func copy(_ matrix: Matrix) -> UnsafeMutablePointer<Float> {
-        let pointer = UnsafeMutablePointer<Float>.allocate(capacity: max(1, matrix.values.count))
-        matrix.values.withUnsafeBufferPointer { source in
-            if let base = source.baseAddress { pointer.initialize(from: base, count: source.count) }
+    /// A pointer to `matrix`'s values that stays valid until `free_result`:
+    /// its own storage block when it has one (no copy; a result can be as
+    /// large as the round), else a copy of its array.
+    func hand(_ matrix: Matrix) -> UnsafeMutablePointer<Float> {
+        if let storage = matrix.sharedStorage {
+            shared.append(storage)
+            return storage.base
+        }
+        let count = matrix.rows * matrix.cols
+        let pointer = UnsafeMutablePointer<Float>.allocate(capacity: max(1, count))
+        matrix.withUnsafeBufferPointer { source in
+            // The host reads rows·cols values; never write past them, nor leave any unset.
+            let copied = min(count, source.count)
+            if let base = source.baseAddress { pointer.initialize(from: base, count: copied) }
+            (pointer + copied).initialize(repeating: 0, count: count - copied)
         }
         matrices.append(pointer)
         return pointer
@@ -187,17 +200,17 @@ private let pluginAggregate: @convention(c) (UnsafeMutableRawPointer, UnsafePoin
     }
 }
 
-/// Copies a Swift result into plugin-owned C memory.
+/// Hands a Swift result over as plugin-owned C memory (copying only array-backed matrices).
 private func fill(_ out: UnsafeMutablePointer<lora_agg_result>, with result: AggregationResult) {
     let storage = ResultStorage()
     out.pointee.rank = UInt32(result.rank)
     out.pointee.scaling = result.scaling
-    out.pointee.a = storage.copy(result.a)
-    out.pointee.b = storage.copy(result.b)
+    out.pointee.a = storage.hand(result.a)
+    out.pointee.b = storage.hand(result.b)
     if let residual = result.residual, residual.rank > 0 {
         out.pointee.residual_rank = UInt32(residual.rank)
-        out.pointee.residual_u = storage.copy(residual.u)
-        out.pointee.residual_v = storage.copy(residual.v)
+        out.pointee.residual_u = storage.hand(residual.u)
+        out.pointee.residual_v = storage.hand(residual.v)
     }
     if let payloads = result.clientPayloads, !payloads.isEmpty {
         let table = UnsafeMutablePointer<lora_agg_client_payload>.allocate(capacity: payloads.count)
@@ -205,7 +218,7 @@ private func fill(_ out: UnsafeMutablePointer<lora_agg_result>, with result: Agg
             (table + k).initialize(to: lora_agg_client_payload(
                 struct_size: UInt32(MemoryLayout<lora_agg_client_payload>.size),
                 rank: UInt32(payload.rank), scaling: payload.scaling,
-                a: storage.copy(payload.a), b: storage.copy(payload.b)))
+                a: storage.hand(payload.a), b: storage.hand(payload.b)))
         }
         storage.payloads = table
         out.pointee.client_payload_count = UInt32(payloads.count)
