@@ -208,8 +208,8 @@ struct FedExLoRA: Strategy {
         if let svd {
             norms = Self.norms(residualSquared: svd.totalEnergy, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
         } else if reportNorms {
-            let gramU = u.withUnsafeBufferPointer { Self.gram($0, rows: dOut, cols: q, ofColumns: true) }
-            let gramV = v.withUnsafeBufferPointer { Self.gram($0, rows: q, cols: dIn, ofColumns: false) }
+            let gramU = u.withUnsafeBufferPointer { Kernels.gram($0, rows: dOut, cols: q, ofColumns: true) }
+            let gramV = v.withUnsafeBufferPointer { Kernels.gram($0, rows: q, cols: dIn, ofColumns: false) }
             let squared = max(0, zip(gramU, gramV).reduce(0) { $0 + $1.0 * $1.1 })
             norms = Self.norms(residualSquared: squared, u: u, v: v, abar: a, bbar: b, s: s, r: r, q: q, dOut: dOut, dIn: dIn)
         }
@@ -256,8 +256,8 @@ struct FedExLoRA: Strategy {
     /// from r×r Gram matrices and r×q products only.
     static func norms(residualSquared: Double, u: Matrix, v: Matrix, abar: [Float], bbar: [Float],
                       s: Double, r: Int, q: Int, dOut: Int, dIn: Int) -> Norms {
-        let gramB = bbar.withUnsafeBufferPointer { gram($0, rows: dOut, cols: r, ofColumns: true) }
-        let gramA = abar.withUnsafeBufferPointer { gram($0, rows: r, cols: dIn, ofColumns: false) }
+        let gramB = bbar.withUnsafeBufferPointer { Kernels.gram($0, rows: dOut, cols: r, ofColumns: true) }
+        let gramA = abar.withUnsafeBufferPointer { Kernels.gram($0, rows: r, cols: dIn, ofColumns: false) }
         let averageSquared = zip(gramB, gramA).reduce(0) { $0 + $1.0 * $1.1 }
         // ⟨B̄Ā, UV⟩ = Σ (B̄ᵀU) ∘ (ĀVᵀ), accumulated over blocks of 64 along d:
         // OpenBLAS's small-matrix kernel on the blocks measured as fast as or
@@ -282,23 +282,6 @@ struct FedExLoRA: Strategy {
         let cross = zip(bu, av).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
         let idealSquared = s * s * averageSquared + 2 * s * cross + residualSquared
         return Norms(residual: residualSquared.squareRoot(), ideal: max(0, idealSquared).squareRoot())
-    }
-
-    /// The Gram matrix of the columns (XᵀX) or of the rows (XXᵀ) of a
-    /// row-major Float matrix, through `ssyrk`, as a symmetric Double matrix.
-    static func gram(_ x: UnsafeBufferPointer<Float>, rows: Int, cols: Int, ofColumns: Bool) -> [Double] {
-        let n = ofColumns ? cols : rows, depth = ofColumns ? rows : cols
-        var g = [Float](repeating: 0, count: n * n)
-        cblas_ssyrk(CblasRowMajor, CblasUpper, ofColumns ? CblasTrans : CblasNoTrans,
-                    Int32(n), Int32(depth), 1, x.baseAddress, Int32(cols), 0, &g, Int32(n))
-        var result = [Double](repeating: 0, count: n * n)
-        for i in 0..<n {
-            for j in i..<n {
-                result[i * n + j] = Double(g[i * n + j])
-                result[j * n + i] = Double(g[i * n + j])
-            }
-        }
-        return result
     }
 
     /// U·V multiplied out, paired with an identity on its shorter side.

@@ -269,28 +269,14 @@ struct LoRAFAIR: Strategy {
     /// and K clients' r×512 blocks still fit in L2.
     static let columnBlock = 512
 
-    /// XXᵀ of a row-major rows×cols Float matrix, through `ssyrk`, as Double.
+    /// XXᵀ of a row-major rows×cols Float matrix, as Double.
     static func rowGram(_ x: [Float], rows: Int, cols: Int) -> [Double] {
-        symmetricGram(x, n: rows, depth: cols, lda: cols, transpose: false)
+        x.withUnsafeBufferPointer { Kernels.gram($0, rows: rows, cols: cols, ofColumns: false) }
     }
 
-    /// XᵀX of a row-major rows×cols Float matrix, through `ssyrk`, as Double.
+    /// XᵀX of a row-major rows×cols Float matrix, as Double.
     static func columnGram(_ x: [Float], rows: Int, cols: Int) -> [Double] {
-        symmetricGram(x, n: cols, depth: rows, lda: cols, transpose: true)
-    }
-
-    static func symmetricGram(_ x: [Float], n: Int, depth: Int, lda: Int, transpose: Bool) -> [Double] {
-        var g = [Float](repeating: 0, count: n * n)
-        cblas_ssyrk(CblasRowMajor, CblasUpper, transpose ? CblasTrans : CblasNoTrans,
-                    Int32(n), Int32(depth), 1, x, Int32(lda), 0, &g, Int32(n))
-        var result = [Double](repeating: 0, count: n * n)
-        for i in 0..<n {
-            for j in i..<n {
-                result[i * n + j] = Double(g[i * n + j])
-                result[j * n + i] = Double(g[i * n + j])
-            }
-        }
-        return result
+        x.withUnsafeBufferPointer { Kernels.gram($0, rows: rows, cols: cols, ofColumns: true) }
     }
 
     /// (G + ridge·I)⁻¹ for symmetric positive semi-definite G; directions

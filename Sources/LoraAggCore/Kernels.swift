@@ -281,21 +281,34 @@ extension Kernels {
     /// for aggregation weights, not for an exactness check.
     public static func productFrobeniusNorm(b: MatrixView, a: MatrixView) -> Double {
         precondition(b.cols == a.rows, "productFrobeniusNorm needs B.cols == A.rows")
-        let r = a.rows
-        guard r > 0, b.rows > 0, a.cols > 0 else { return 0 }
-        var gramB = [Float](repeating: 0, count: r * r), gramA = [Float](repeating: 0, count: r * r)
-        gramB.withUnsafeMutableBufferPointer { g in
-            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(r), Int32(b.rows), 1, b.base, Int32(r), 0, g.baseAddress, Int32(r))
+        guard a.rows > 0, b.rows > 0, a.cols > 0 else { return 0 }
+        let gramB = gram(b.buffer, rows: b.rows, cols: b.cols, ofColumns: true)
+        let gramA = gram(a.buffer, rows: a.rows, cols: a.cols, ofColumns: false)
+        return Swift.max(0, zip(gramB, gramA).reduce(0) { $0 + $1.0 * $1.1 }).squareRoot()
+    }
+
+    /// The Gram matrix of the columns (XᵀX) or of the rows (XXᵀ) of a row-major
+    /// rows×cols Float matrix, through `ssyrk` (half the flops of sgemm), as a
+    /// full symmetric Double matrix. OpenBLAS accumulates in Float; callers
+    /// that combine Grams into traces sum those in Double.
+    public static func gram(_ x: UnsafeBufferPointer<Float>, rows: Int, cols: Int, ofColumns: Bool) -> [Double] {
+        precondition(x.count >= rows * cols, "gram needs rows*cols values")
+        let n = ofColumns ? cols : rows, depth = ofColumns ? rows : cols
+        guard n > 0 else { return [] }
+        guard depth > 0, let x = x.baseAddress else { return [Double](repeating: 0, count: n * n) }
+        var g = [Float](repeating: 0, count: n * n)
+        g.withUnsafeMutableBufferPointer { out in
+            cblas_ssyrk(CblasRowMajor, CblasUpper, ofColumns ? CblasTrans : CblasNoTrans,
+                        Int32(n), Int32(depth), 1, x, Int32(cols), 0, out.baseAddress, Int32(n))
         }
-        gramA.withUnsafeMutableBufferPointer { g in
-            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, Int32(r), Int32(a.cols), 1, a.base, Int32(a.cols), 0, g.baseAddress, Int32(r))
+        var result = [Double](repeating: 0, count: n * n)
+        for i in 0..<n {
+            for j in i..<n {
+                result[i * n + j] = Double(g[i * n + j])
+                result[j * n + i] = Double(g[i * n + j])
+            }
         }
-        var squared = 0.0
-        for i in 0..<r {
-            squared += Double(gramB[i &* r &+ i]) * Double(gramA[i &* r &+ i])
-            for j in (i &+ 1)..<r { squared += 2 * Double(gramB[i &* r &+ j]) * Double(gramA[i &* r &+ j]) }
-        }
-        return Swift.max(0, squared).squareRoot()
+        return result
     }
 
     /// Whether every entry of `x` is within `tolerance` of the same entry of
