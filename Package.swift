@@ -33,13 +33,15 @@ var targets: [Target] = [
     ),
     // The Aggregator protocol, the value types of a round, and the shared math.
     .target(name: "LoraAggCore", dependencies: ["COpenBLAS"]),
+    // Errors and statuses across the ABI, the same on both sides.
+    .target(name: "LoraAggABIBridge", dependencies: ["LoraAggCore", "CLoraAggABI"]),
     // Turns a Swift Aggregator into the C descriptor with one export line.
-    .target(name: "LoraAggPluginKit", dependencies: ["LoraAggCore", "CLoraAggABI"]),
+    .target(name: "LoraAggPluginKit", dependencies: ["LoraAggCore", "LoraAggABIBridge"]),
     // The dlopen loader, the registry, and the wrapper making a C plugin an Aggregator.
     .target(
         name: "LoraAggHost",
         dependencies: [
-            "LoraAggCore", "CLoraAggABI",
+            "LoraAggCore", "LoraAggABIBridge",
             .product(name: "Logging", package: "swift-log"),
         ]
     ),

@@ -1,4 +1,4 @@
-import CLoraAggABI
+import LoraAggABIBridge
 import Foundation
 import Logging
 import LoraAggCore
@@ -46,20 +46,7 @@ enum HostServices {
             for i in 0..<kept { sigma[i] = Float(svd.sigma[i]) }
             return LORA_AGG_OK
         } catch {
-            let status: lora_agg_status
-            switch error as? AggregationError {
-            case .invalidInput?: status = LORA_AGG_INVALID_INPUT
-            case .unsupported?: status = LORA_AGG_UNSUPPORTED
-            case .invalidConfig?: status = LORA_AGG_INVALID_CONFIG
-            case .invalidState?: status = LORA_AGG_INVALID_STATE
-            default: status = LORA_AGG_INTERNAL_ERROR
-            }
-            let text = (error as? AggregationError)?.message ?? "\(error)"
-            if capacity > 0 {
-                _ = text.withCString { strncpy(message, $0, capacity) }
-                message[capacity - 1] = 0
-            }
-            return status
+            return reportError(error, to: message, capacity: capacity)
         }
     }
 }

@@ -1,4 +1,4 @@
-import CLoraAggABI
+import LoraAggABIBridge
 import Foundation
 import LoraAggCore
 
@@ -136,15 +136,8 @@ public final class PluginAggregator: Aggregator, @unchecked Sendable {
 
     /// Maps an ABI status and message back to an ``AggregationError``.
     static func error(_ status: lora_agg_status, _ buffer: [CChar], fallback: String) -> AggregationError {
-        var text = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        if text.isEmpty { text = fallback }
-        switch status {
-        case LORA_AGG_INVALID_INPUT: return .invalidInput(text)
-        case LORA_AGG_UNSUPPORTED: return .unsupported(text)
-        case LORA_AGG_INVALID_CONFIG: return .invalidConfig(text)
-        case LORA_AGG_INVALID_STATE: return .invalidState(text)
-        default: return .internalError(text)
-        }
+        let text = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return AggregationError(status: status, message: text.isEmpty ? fallback : text)
     }
 }
 

@@ -1,5 +1,5 @@
 @_exported import LoraAggCore
-import CLoraAggABI
+import LoraAggABIBridge
 
 /// Turns a Swift ``Strategy`` into the plugin descriptor of the C ABI.
 ///
@@ -110,43 +110,12 @@ private let exportLock = NSLock()
 /// A C string that lives until process exit (descriptor strings).
 private func immortal(_ text: String) -> UnsafePointer<CChar> { UnsafePointer(strdup(text)!) }
 
-/// Writes `message` into the caller's buffer, truncated on a UTF-8 boundary.
-func writeError(_ message: String, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int) {
-    guard let buffer, capacity > 0 else { return }
-    var bytes = Array(message.utf8)
-    if bytes.count >= capacity {
-        bytes = Array(bytes.prefix(capacity - 1))
-        while let last = bytes.last, last & 0xC0 == 0x80 { bytes.removeLast() }
-        if let last = bytes.last, last & 0x80 != 0 { bytes.removeLast() }
-    }
-    bytes.withUnsafeBufferPointer { source in
-        buffer.withMemoryRebound(to: UInt8.self, capacity: capacity) { target in
-            if let base = source.baseAddress { target.update(from: base, count: source.count) }
-            target[source.count] = 0
-        }
-    }
-}
-
-/// Maps a thrown error to the ABI status and message.
-func report(_ error: Error, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int) -> lora_agg_status {
-    let status: lora_agg_status
-    switch error as? AggregationError {
-    case .invalidInput?: status = LORA_AGG_INVALID_INPUT
-    case .unsupported?: status = LORA_AGG_UNSUPPORTED
-    case .invalidConfig?: status = LORA_AGG_INVALID_CONFIG
-    case .invalidState?: status = LORA_AGG_INVALID_STATE
-    case .internalError?, nil: status = LORA_AGG_INTERNAL_ERROR
-    }
-    writeError((error as? AggregationError)?.message ?? "\(error)", buffer, capacity)
-    return status
-}
-
 private let pluginCreate: @convention(c) (UnsafePointer<CChar>, UnsafePointer<lora_agg_host_api>,
                                           UnsafeMutablePointer<UnsafeMutableRawPointer?>,
                                           UnsafeMutablePointer<CChar>, Int) -> lora_agg_status = { json, host, out, message, capacity in
     out.pointee = nil
     guard let table = exportedTable else {
-        writeError("plugin descriptor was not initialised", message, capacity)
+        writeErrorMessage("plugin descriptor was not initialised", to: message, capacity: capacity)
         return LORA_AGG_INTERNAL_ERROR
     }
     do {
@@ -155,7 +124,7 @@ private let pluginCreate: @convention(c) (UnsafePointer<CChar>, UnsafePointer<lo
         out.pointee = Unmanaged.passRetained(instance).toOpaque()
         return LORA_AGG_OK
     } catch {
-        return report(error, message, capacity)
+        return reportError(error, to: message, capacity: capacity)
     }
 }
 
@@ -196,7 +165,7 @@ private let pluginAggregate: @convention(c) (UnsafeMutableRawPointer, UnsafePoin
         fill(resultPointer, with: result)
         return LORA_AGG_OK
     } catch {
-        return report(error, message, capacity)
+        return reportError(error, to: message, capacity: capacity)
     }
 }
 
@@ -259,7 +228,7 @@ private let pluginSaveState: @convention(c) (UnsafeMutableRawPointer, UnsafeMuta
         out.pointee = lora_agg_bytes(data: UnsafePointer(buffer), size: UInt64(bytes.count), plugin_private: UnsafeMutableRawPointer(buffer))
         return LORA_AGG_OK
     } catch {
-        return report(error, message, capacity)
+        return reportError(error, to: message, capacity: capacity)
     }
 }
 
@@ -270,7 +239,7 @@ private let pluginLoadState: @convention(c) (UnsafeMutableRawPointer, UnsafePoin
         try instance.aggregator.loadState(Array(UnsafeBufferPointer(start: data, count: Int(size))))
         return LORA_AGG_OK
     } catch {
-        return report(error, message, capacity)
+        return reportError(error, to: message, capacity: capacity)
     }
 }
 
