@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LoraAggFormats
 import LoraAggHost
 
 /// The `lora-agg` command.
@@ -22,6 +23,7 @@ struct LoraAgg: ParsableCommand {
             Strategies are plugins (lib*.so) found in --plugin-path, then in \
             LORA_AGG_PLUGIN_PATH (colon-separated), then next to this executable.
             """,
+        version: loraAggToolVersion,
         subcommands: [List.self, Describe.self, Aggregate.self, Demo.self, Conformance.self, NewPlugin.self, ApplyResidual.self])
 }
 
