@@ -164,6 +164,10 @@ enum Checks {
             expectation: "Calls for different modules from several threads at once agree with the same calls made one at a time.",
             body: concurrentCalls),
         ConformanceCheck(
+            id: "state-round-trips",
+            expectation: "A plugin declaring 'stateful' saves its state after a round, and a fresh instance that loads it aggregates the next round bit-identically to the original instance.",
+            body: stateRoundTrip),
+        ConformanceCheck(
             id: "exact-update",
             expectation: "A plugin declaring 'exact' reproduces Σ p_k s_k B_k A_k (checked densely in Double) with mixed scalings, and mixed ranks if it accepts them.",
             body: exactUpdate),
@@ -327,6 +331,30 @@ enum Checks {
         if differing == 0 { return c.result(.pass, measured: 0, measure: "differing values", tolerance: 0) }
         return c.result(.fail, measured: Double(differing), measure: "differing values", tolerance: 0,
                         "\(differing) value(s) differ between two runs on the same round (\(location))")
+    }
+
+    static func stateRoundTrip(_ c: CheckContext) throws -> CheckResult {
+        guard c.capabilities.contains(.stateful) else { return c.result(.skip, "capability 'stateful' not declared") }
+        let first = c.inputs.clients(c.inputs.standardSpecs(), dOut: dOut, dIn: dIn, seed: 20)
+        let next = c.inputs.clients(c.inputs.standardSpecs(), dOut: dOut, dIn: dIn, seed: 21)
+        func run(_ aggregator: any Aggregator, _ clients: [ClientUpdate], round: Int) throws -> AggregationResult {
+            try ModuleRound.withRound(module: "conformance.state", dOut: dOut, dIn: dIn, roundIndex: round, clients: clients) {
+                try aggregator.aggregate($0)
+            }
+        }
+        let original = try c.subject.makeAggregator()
+        _ = try run(original, first, round: 0)
+        guard let saved = try original.saveState() else {
+            return c.result(.fail, "declares 'stateful' but saved no state")
+        }
+        let restored = try c.subject.makeAggregator()
+        try restored.loadState(saved)
+        let differing = differingValues(try run(original, next, round: 1), try run(restored, next, round: 1))
+        if differing == 0 {
+            return c.result(.pass, measured: 0, measure: "differing values", tolerance: 0, "\(saved.count) bytes of state")
+        }
+        return c.result(.fail, measured: Double(differing), measure: "differing values", tolerance: 0,
+                        "\(differing) value(s) differ between the original instance and one restored from its \(saved.count) bytes of state")
     }
 
     static func inputsNotMutated(_ c: CheckContext) throws -> CheckResult {

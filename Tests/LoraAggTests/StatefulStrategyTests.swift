@@ -3,8 +3,14 @@ import Testing
 import LoraAggCore
 
 /// A stateful C plugin: counts its aggregate calls across rounds and processes,
-/// and reports the count and the round index it saw.
-private let countingPlugin = """
+/// reports the count and the round index it saw, and returns the first
+/// client's factors with B scaled by 1 + count, so its results depend on its
+/// state. The forgetful variant's load_state accepts bytes but ignores them.
+private func countingPlugin(forgetful: Bool = false) -> String {
+    countingPluginSource.replacingOccurrences(of: "LOAD_INTO_STATE", with: forgetful ? "0" : "1")
+}
+
+private let countingPluginSource = """
     #include "lora_agg.h"
     #include <stdatomic.h>
     #include <stdlib.h>
@@ -18,7 +24,8 @@ private let countingPlugin = """
         size_t na = (size_t)c->rank * r->d_in, nb = (size_t)r->d_out * c->rank;
         o->rank = c->rank; o->scaling = c->scaling;
         o->a = malloc(na * sizeof(float)); memcpy(o->a, c->a, na * sizeof(float));
-        o->b = malloc(nb * sizeof(float)); memcpy(o->b, c->b, nb * sizeof(float));
+        o->b = malloc(nb * sizeof(float));
+        for (size_t i = 0; i < nb; i++) o->b[i] = c->b[i] * (float)(1 + before);
         lora_agg_diagnostic *d = malloc(2 * sizeof *d);
         d[0].name = "calls_before"; d[0].value = (double)before;
         d[1].name = "round_index"; d[1].value = (double)r->round_index;
@@ -31,7 +38,7 @@ private let countingPlugin = """
         out->data = (const uint8_t *)copy; out->size = 8; out->plugin_private = copy; return LORA_AGG_OK; }
     static lora_agg_status load_state(void *s, const uint8_t *data, uint64_t size, char *e, size_t n) {
         if (size != 8) { strncpy(e, "saved state must be 8 bytes", n); return LORA_AGG_INVALID_STATE; }
-        uint64_t v; memcpy(&v, data, 8); atomic_store(&((state_t *)s)->calls, v); return LORA_AGG_OK; }
+        uint64_t v; memcpy(&v, data, 8); if (LOAD_INTO_STATE) atomic_store(&((state_t *)s)->calls, v); return LORA_AGG_OK; }
     static void free_bytes(void *s, lora_agg_bytes *b) { free(b->plugin_private); }
     static const lora_agg_plugin descriptor = {
         .abi_major = LORA_AGG_ABI_MAJOR, .abi_minor = LORA_AGG_ABI_MINOR, .struct_size = sizeof(lora_agg_plugin),
@@ -56,7 +63,7 @@ struct StatefulStrategyTests {
     @Test("--state carries a plugin's state from one aggregate process to the next, and --round reaches it")
     func stateSurvivesProcesses() throws {
         let folder = try CPluginFactory.temporaryFolder()
-        let plugin = try CPluginFactory.compile(countingPlugin, name: "counting", in: folder)
+        let plugin = try CPluginFactory.compile(countingPlugin(), name: "counting", in: folder)
         let clients = folder + "/clients", state = folder + "/counting.state"
         #expect(try CLI.run(["demo", "--write-clients", clients]).status == 0)
         let inputs = ["--client", clients + "/client-4=3", "--client", clients + "/client-5=1"]
@@ -79,7 +86,7 @@ struct StatefulStrategyTests {
     @Test("a corrupt state file is refused with the plugin's message and no output")
     func corruptState() throws {
         let folder = try CPluginFactory.temporaryFolder()
-        let plugin = try CPluginFactory.compile(countingPlugin, name: "counting", in: folder)
+        let plugin = try CPluginFactory.compile(countingPlugin(), name: "counting", in: folder)
         let clients = folder + "/clients", state = folder + "/bad.state"
         #expect(try CLI.run(["demo", "--write-clients", clients]).status == 0)
         try Data([1, 2, 3]).write(to: URL(fileURLWithPath: state))
@@ -99,5 +106,19 @@ struct StatefulStrategyTests {
                                    "--state", folder + "/s", "--client", clients + "/client-4"])
         #expect(outcome.status != 0)
         #expect(outcome.stderr.contains("strategy 'fedit' keeps no state across rounds"))
+    }
+
+    @Test("the conformance suite's state-round-trips check passes a faithful stateful plugin and fails a forgetful one")
+    func conformanceChecksState() throws {
+        let folder = try CPluginFactory.temporaryFolder()
+        let faithful = try CPluginFactory.compile(countingPlugin(), name: "counting", in: folder)
+        let forgetful = try CPluginFactory.compile(countingPlugin(forgetful: true), name: "forgetful", in: folder)
+        let good = try CLI.run(["conformance", faithful, "--check", "state-round-trips"])
+        #expect(good.status == 0, "\(good.stdout)\(good.stderr)")
+        #expect(good.stdout.contains("PASS  state-round-trips"))
+        let bad = try CLI.run(["conformance", forgetful, "--check", "state-round-trips"])
+        #expect(bad.status != 0)
+        #expect(bad.stdout.contains("FAIL  state-round-trips"))
+        #expect(bad.stdout.contains("differ between the original instance and one restored"))
     }
 }
