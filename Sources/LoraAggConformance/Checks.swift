@@ -67,13 +67,8 @@ struct Observation {
     init(_ result: AggregationResult, dOut: Int, dIn: Int, ranks: [Int]) {
         global = Reference.effectiveUpdate(result, dOut: dOut, dIn: dIn)
         guard let payloads = result.clientPayloads, !payloads.isEmpty else { return }
-        var residual = [Double](repeating: 0, count: dOut * dIn)
-        if let r = result.residual {
-            r.u.withView { u in r.v.withView { v in Reference.accumulateProduct(b: u, a: v, weight: 1, into: &residual, dIn: dIn) } }
-        }
         clients = payloads.indices.map { k in
-            let own = Reference.clientUpdate(result, client: k, rank: k < ranks.count ? ranks[k] : 0, dOut: dOut, dIn: dIn)
-            return zip(own, residual).map { $0 + $1 }
+            Reference.receivedUpdate(result, client: k, rank: k < ranks.count ? ranks[k] : 0, dOut: dOut, dIn: dIn)
         }
     }
 

@@ -18,11 +18,23 @@ public enum Reference {
         result.b.withView { b in result.a.withView { a in
             accumulateProduct(b: b, a: a, weight: result.scaling, into: &total, dIn: dIn)
         } }
-        if let residual = result.residual {
-            residual.u.withView { u in residual.v.withView { v in
-                accumulateProduct(b: u, a: v, weight: 1, into: &total, dIn: dIn)
-            } }
-        }
+        addResidual(of: result, into: &total, dIn: dIn)
+        return total
+    }
+
+    /// total += U·V of the result's base residual, if it has one.
+    public static func addResidual(of result: AggregationResult, into total: inout [Double], dIn: Int) {
+        guard let residual = result.residual else { return }
+        residual.u.withView { u in residual.v.withView { v in
+            accumulateProduct(b: u, a: v, weight: 1, into: &total, dIn: dIn)
+        } }
+    }
+
+    /// What client `k` starts the next round with: ``clientUpdate(_:client:rank:dOut:dIn:)``
+    /// plus the shared base residual U·V.
+    public static func receivedUpdate(_ result: AggregationResult, client k: Int, rank: Int, dOut: Int, dIn: Int) -> [Double] {
+        var total = clientUpdate(result, client: k, rank: rank, dOut: dOut, dIn: dIn)
+        addResidual(of: result, into: &total, dIn: dIn)
         return total
     }
 

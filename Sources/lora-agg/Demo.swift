@@ -149,10 +149,6 @@ struct DemoScenario {
                     seconds += Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
                     let ideal = Reference.idealUpdate(round)
                     global.append(Reference.relativeError(Reference.effectiveUpdate(result, dOut: round.dOut, dIn: round.dIn), ideal))
-                    var residual = [Double](repeating: 0, count: round.dOut * round.dIn)
-                    if let r = result.residual {
-                        r.u.withView { u in r.v.withView { v in Reference.accumulateProduct(b: u, a: v, weight: 1, into: &residual, dIn: round.dIn) } }
-                    }
                     // A global adapter wider than every client with no payloads (FLoRA's
                     // stack) is merged into the base by every client, as the Python Flower
                     // strategy does; otherwise client k keeps its payload or its first r_k slots.
@@ -163,8 +159,7 @@ struct DemoScenario {
                             perClient.append(global.last!)
                             continue
                         }
-                        var received = Reference.clientUpdate(result, client: k, rank: client.rank, dOut: round.dOut, dIn: round.dIn)
-                        for i in received.indices { received[i] += residual[i] }
+                        let received = Reference.receivedUpdate(result, client: k, rank: client.rank, dOut: round.dOut, dIn: round.dIn)
                         perClient.append(Reference.relativeError(received, ideal))
                     }
                 }
